@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   tiny GPT-2 pretraining on CPU, every save evaluated with HELM (outputs/demo/)
+#   make test   the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# megatron-core 0.19.2 declares Python >= 3.12 but ships a working cp311 wheel, hence
+# --ignore-requires-python. The constraints keep the local CPU torch (no CUDA build), and
+# torchvision, which crfm-helm pulls in, is removed: beside the CPU torch it breaks every
+# `transformers` model import, and HELM's text benchmarks never use it.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --ignore-requires-python -c constraints-cpu.txt -e '.[test]'
+	$(PY) -m pip uninstall --quiet --yes torchvision
+	touch $@
+
+demo: $(STAMP)
+	$(PY) examples/pretrain_gpt2/demo.py --out outputs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,66 @@
+"""Evaluate every Megatron-LM checkpoint with Stanford HELM, in-process, right after it is saved.
+
+Two calls wire the hook into a Megatron pretraining script::
+
+    args = parse_and_validate_args(extra_args_provider=add_eval_hook_args(), ...)
+    install(args)
+
+Both are cheap to import: torch, Megatron and HELM load only when the hook is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["add_eval_hook_args", "install"]
+__version__ = "0.1.0"
+
+ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+
+
+def add_eval_hook_args(inner: ArgsProvider | None = None) -> ArgsProvider:
+    """Return a Megatron `extra_args_provider` that adds the hook's flags after `inner`'s.
+
+    `--eval-hook-config PATH` turns the hook on; `--eval-hook-override key=value` (repeatable)
+    changes one config key, in Hydra's override syntax.
+    """
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if inner is not None:
+            parser = inner(parser)
+        if any("--eval-hook-config" in action.option_strings for action in parser._actions):
+            return parser  # added already (a patched script run through the launcher)
+        group = parser.add_argument_group(title="megatron_eval_hook")
+        group.add_argument(
+            "--eval-hook-config",
+            type=str,
+            default=None,
+            metavar="PATH",
+            help="YAML config of the HELM evaluation hook (e.g. conf/helm.yaml); the hook is off without it.",
+        )
+        group.add_argument(
+            "--eval-hook-override",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Hydra override of one hook config key, e.g. schedule.every=1000. Repeatable.",
+        )
+        return parser
+
+    return provider
+
+
+def install(args: Any) -> Any:
+    """Install the evaluation hook for a parsed Megatron `args` namespace.
+
+    Does nothing and returns None when `args.eval_hook_config` is unset. Otherwise loads and
+    validates the config (raising a readable error before training starts), wraps Megatron's
+    `save_checkpoint`, and returns the live `EvalHook`.
+    """
+    if getattr(args, "eval_hook_config", None) is None:
+        return None
+    from megatron_eval_hook.hook import install_hook
+
+    return install_hook(args)

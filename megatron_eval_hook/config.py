@@ -1,0 +1,192 @@
+"""The hook's configuration: a typed schema, loaded with Hydra's compose API.
+
+The config is one YAML file (`--eval-hook-config conf/helm.yaml`), which may compose other files
+of its folder through Hydra `defaults`, changed per experiment with `--eval-hook-override
+key=value`. Loading checks every key and type against the dataclasses below and raises
+`ConfigError`, naming the key, the file and the fix, before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLACEMENTS = ("sync",)
+PLACEMENTS_LATER = ("async",)
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the value, where it came from and the fix."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Which saves are evaluated: iterations `start, start+every, ...` up to `end`."""
+
+    start: int = 0
+    end: int | None = None
+    every: int = 1
+    final: bool = True  # also evaluate the run's last save (end of training, exit signal), off-grid too
+
+    def selects(self, iteration: int, final: bool = False) -> bool:
+        """Whether the save at `iteration` is to be evaluated (`final`: it is the run's last save)."""
+        if iteration < self.start or (self.end is not None and iteration > self.end):
+            return False
+        return (final and self.final) or (iteration - self.start) % self.every == 0
+
+
+@dataclass
+class EngineConfig:
+    """The scoring engine that answers HELM's requests with the training model."""
+
+    batch_size: int = 16  # sequences per forward pass
+    max_sequence_length: int | None = None  # tokens; null = Megatron's --seq-length
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases sink. Uses Megatron's own run (--wandb-project) when there is one."""
+
+    enabled: bool = True
+    project: str | None = None  # for a run of the hook's own when Megatron has none
+    entity: str | None = None
+    mode: str | None = None  # online | offline | disabled; null = $WANDB_MODE, else online
+    dir: str | None = None  # null = output_dir
+    log_all_metrics: bool = False  # false: main metric per benchmark; true: every metric of the main split
+
+
+@dataclass
+class EvalHookConfig:
+    """Everything the hook reads. Relative paths are relative to the working directory."""
+
+    enabled: bool = True
+    placement: str = "sync"
+    run_name: str | None = None  # null = --wandb-exp-name, else the name of the --save folder
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    benchmarks: list[str] = field(default_factory=lambda: ["default"])
+    presets: dict[str, list[str]] = field(default_factory=dict)
+    max_eval_instances: int = 100
+    num_train_trials: int = 1
+    data_dir: str = "data/helm"
+    output_dir: str | None = None  # null = <--save>/eval_hook
+    ledger: str | None = None  # null = <output_dir>/ledger.sqlite
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> EvalHookConfig:
+    """Compose `path` with Hydra, apply `overrides`, and validate against `EvalHookConfig`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    source = Path(path).expanduser().resolve()
+    where = f"--eval-hook-config {path}" + (f" with overrides {list(overrides)}" if overrides else "")
+    if not source.is_file():
+        raise ConfigError(f"{where}: no such file {source}. Fix: pass the path of a YAML file such as conf/helm.yaml.")
+    if source.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{where}: {source.name} is not a .yaml file. Fix: name the config file *.yaml.")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"{where}: override {item!r} has no '='. Fix: write --eval-hook-override key=value, "
+                "e.g. schedule.every=1000."
+            )
+
+    # A host that initialised Hydra itself (e.g. a NeMo entry point) keeps its state.
+    global_hydra = GlobalHydra.instance()
+    saved = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(source.parent), version_base="1.3", job_name="eval_hook"):
+            composed = compose(config_name=source.stem, overrides=list(overrides))
+        # Merging a plain container into the schema rejects unknown keys and wrong types,
+        # including keys added with Hydra's `+key=value`, which compose lets through.
+        merged = OmegaConf.merge(OmegaConf.structured(EvalHookConfig), OmegaConf.to_container(composed, resolve=True))
+        config: EvalHookConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ConfigError:
+        raise
+    except Exception as error:  # Hydra and OmegaConf raise many types; all are config mistakes here
+        raise ConfigError(f"{where}: {_explain(error)}") from error
+    finally:
+        global_hydra.clear()
+        if saved is not None:
+            GlobalHydra.instance().initialize(saved)
+    check_config(config, where)
+    return config
+
+
+def check_config(config: EvalHookConfig, where: str = "eval hook config") -> None:
+    """Check the values that types alone cannot; raise `ConfigError` on the first bad one."""
+
+    def bad(key: str, value: Any, fix: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={value!r} is not valid. Fix: {fix}")
+
+    if config.placement in PLACEMENTS_LATER:
+        raise bad("placement", config.placement, "use placement=sync; the async placement is not available yet.")
+    if config.placement not in PLACEMENTS:
+        raise bad("placement", config.placement, f"use one of {list(PLACEMENTS)}.")
+    schedule = config.schedule
+    if schedule.start < 0:
+        raise bad("schedule.start", schedule.start, "use an iteration >= 0.")
+    if schedule.every < 1:
+        raise bad("schedule.every", schedule.every, "use 1 (every save) or more iterations.")
+    if schedule.end is not None and schedule.end < schedule.start:
+        raise bad("schedule.end", schedule.end, f"use null or an iteration >= schedule.start ({schedule.start}).")
+    if not config.benchmarks:
+        raise bad("benchmarks", config.benchmarks, "name at least one preset (e.g. default) or HELM run entry.")
+    if config.max_eval_instances < 1:
+        raise bad("max_eval_instances", config.max_eval_instances, "use a number of instances >= 1.")
+    if config.num_train_trials < 1:
+        raise bad("num_train_trials", config.num_train_trials, "use 1 or more.")
+    if config.engine.batch_size < 1:
+        raise bad("engine.batch_size", config.engine.batch_size, "use 1 or more sequences.")
+    if config.engine.max_sequence_length is not None and config.engine.max_sequence_length < 2:
+        raise bad("engine.max_sequence_length", config.engine.max_sequence_length, "use null or >= 2 tokens.")
+    if config.wandb.mode is not None and config.wandb.mode not in WANDB_MODES:
+        raise bad("wandb.mode", config.wandb.mode, f"use null or one of {list(WANDB_MODES)}.")
+
+
+def _explain(error: BaseException) -> str:
+    """The most specific message in an exception chain, with the offending key when known."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for cause in chain:
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            key = cause.full_key
+            message = (getattr(cause, "msg", None) or str(cause)).strip().splitlines()[0]
+            if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+                parent = key.rpartition(".")[0]
+                known = _known_keys(parent)
+                return (
+                    f"unknown key '{key}' ({message}). Fix: check its spelling; "
+                    f"the keys{' under ' + parent if parent else ''} are: {', '.join(known)}."
+                )
+            if isinstance(cause, ValidationError):
+                return f"bad value for key '{key}': {message}. Fix: give a value of the type the key takes."
+            return f"key '{key}': {message}"
+    first = chain[-1]
+    text = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
+    return f"{type(first).__name__}: {text}"
+
+
+def _known_keys(dotted_parent: str) -> list[str]:
+    node: Any = EvalHookConfig
+    for part in filter(None, dotted_parent.split(".")):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return []
+        default = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+        node = type(default()) if default is not None else None
+    return [f.name for f in dataclasses.fields(node)] if node is not None and dataclasses.is_dataclass(node) else []

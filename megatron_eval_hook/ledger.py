@@ -1,0 +1,210 @@
+"""The ledger: a SQLite record of every evaluation attempt, written before any sink.
+
+One `evaluations` row per (save, benchmark) attempt, with its status (`ok`, `failed` with the
+reason, `skipped` with the reason), and one `metrics` row per metric of an `ok` attempt. W&B and
+every other view are rebuilt from this file; nothing reads results from anywhere else.
+
+An attempt is inserted as `running` before the evaluation starts and closed when it ends, so a
+process that dies mid-evaluation leaves a trace; the next `Ledger.close_interrupted` turns it into
+`failed` with the reason.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("ok", "failed", "skipped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS evaluations (
+    id          INTEGER PRIMARY KEY,
+    run         TEXT    NOT NULL,
+    iteration   INTEGER NOT NULL,
+    benchmark   TEXT    NOT NULL,
+    status      TEXT    NOT NULL CHECK (status IN ('running', 'ok', 'failed', 'skipped')),
+    error       TEXT,
+    started_at  TEXT    NOT NULL,   -- ISO 8601, UTC
+    duration_s  REAL,               -- wall time of this benchmark's evaluation
+    blocked_s   REAL,               -- time training waited for the whole save's evaluation
+    placement   TEXT,
+    tokens      INTEGER,            -- training tokens consumed at this iteration, when known
+    main_metric TEXT,
+    main_split  TEXT
+);
+CREATE INDEX IF NOT EXISTS evaluations_by_run ON evaluations (run, iteration, benchmark);
+CREATE TABLE IF NOT EXISTS metrics (
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations (id),
+    metric        TEXT    NOT NULL,
+    split         TEXT    NOT NULL,
+    value         REAL,
+    count         INTEGER,
+    PRIMARY KEY (evaluation_id, metric, split)
+);
+"""
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One aggregated metric of a benchmark: HELM's mean over `count` instances of `split`."""
+
+    metric: str
+    split: str
+    value: float
+    count: int
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Ledger:
+    """The SQLite ledger at `path` (created with its folder when missing)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # One short transaction per write: a crash never loses what was already recorded.
+        db = sqlite3.connect(self.path, timeout=60.0)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def begin(
+        self,
+        run: str,
+        iteration: int,
+        benchmark: str,
+        *,
+        placement: str,
+        tokens: int | None = None,
+        main_metric: str | None = None,
+        main_split: str | None = None,
+    ) -> int:
+        """Record that `benchmark` is being evaluated at `iteration`; return the attempt's id."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT INTO evaluations (run, iteration, benchmark, status, started_at, placement, tokens,"
+                " main_metric, main_split) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (run, iteration, benchmark, utc_now(), placement, tokens, main_metric, main_split),
+            )
+            return int(cursor.lastrowid)
+
+    def finish_ok(self, evaluation_id: int, metrics: Iterable[MetricValue], duration_s: float) -> None:
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO metrics (evaluation_id, metric, split, value, count) VALUES (?, ?, ?, ?, ?)",
+                [(evaluation_id, m.metric, m.split, m.value, m.count) for m in metrics],
+            )
+            db.execute(
+                "UPDATE evaluations SET status = 'ok', error = NULL, duration_s = ? WHERE id = ?",
+                (duration_s, evaluation_id),
+            )
+
+    def finish_failed(self, evaluation_id: int, error: str, duration_s: float) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE evaluations SET status = 'failed', error = ?, duration_s = ? WHERE id = ?",
+                (error, duration_s, evaluation_id),
+            )
+
+    def record_skipped(
+        self, run: str, iteration: int, benchmark: str, reason: str, *, placement: str, tokens: int | None = None
+    ) -> int:
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT INTO evaluations (run, iteration, benchmark, status, error, started_at, duration_s,"
+                " blocked_s, placement, tokens) VALUES (?, ?, ?, 'skipped', ?, ?, 0, 0, ?, ?)",
+                (run, iteration, benchmark, reason, utc_now(), placement, tokens),
+            )
+            return int(cursor.lastrowid)
+
+    def set_blocked(self, evaluation_ids: Iterable[int], blocked_s: float) -> None:
+        with self._connect() as db:
+            db.executemany(
+                "UPDATE evaluations SET blocked_s = ? WHERE id = ?", [(blocked_s, i) for i in evaluation_ids]
+            )
+
+    def close_interrupted(self, run: str) -> int:
+        """Mark `run`'s attempts left `running` by a process that died as failed; return how many."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE evaluations SET status = 'failed', error = ? WHERE run = ? AND status = 'running'",
+                ("interrupted: the process ended before this evaluation finished", run),
+            )
+            return cursor.rowcount
+
+    def evaluated_ok(self, run: str, iteration: int) -> set[str]:
+        """The benchmarks of `run` already evaluated successfully at `iteration`."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT DISTINCT benchmark FROM evaluations WHERE run = ? AND iteration = ? AND status = 'ok'",
+                (run, iteration),
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def results(self, run: str | None = None, all_metrics: bool = False) -> list[dict[str, Any]]:
+        """Every finished attempt, oldest first, as flat rows.
+
+        An `ok` attempt gives one row per metric (only its main metric unless `all_metrics`);
+        a `failed` or `skipped` attempt gives one row with `metric` and `value` null.
+        """
+        query = """
+            SELECT e.id, e.run, e.iteration, e.benchmark, e.status, e.error, e.started_at, e.duration_s,
+                   e.blocked_s, e.placement, e.tokens, e.main_metric, e.main_split, m.metric, m.split, m.value,
+                   m.count
+            FROM evaluations e
+            LEFT JOIN metrics m ON m.evaluation_id = e.id
+                AND (? OR (m.metric = e.main_metric AND m.split = e.main_split))
+            WHERE e.status != 'running' AND (? IS NULL OR e.run = ?)
+            ORDER BY e.id, m.split, m.metric
+        """
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(query, (int(all_metrics), run, run)).fetchall()
+        return [
+            {
+                "run": r["run"],
+                "iteration": r["iteration"],
+                "benchmark": r["benchmark"],
+                "metric": r["metric"],
+                "split": r["split"],
+                "value": r["value"],
+                "count": r["count"],
+                "main": r["metric"] is not None and r["metric"] == r["main_metric"] and r["split"] == r["main_split"],
+                "status": r["status"],
+                "error": r["error"],
+                "started_at": r["started_at"],
+                "duration_s": r["duration_s"],
+                "blocked_s": r["blocked_s"],
+                "placement": r["placement"],
+                "tokens": r["tokens"],
+            }
+            for r in rows
+            if r["status"] != "ok" or r["metric"] is not None
+        ]
+
+
+class Stopwatch:
+    """Seconds since construction, from a monotonic clock."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
