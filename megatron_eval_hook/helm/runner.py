@@ -1,0 +1,295 @@
+"""Run HELM benchmarks in-process on the live model and read their scores.
+
+`HelmSuite` does the slow and fallible work once, when the hook is installed: it registers the
+in-process model deployment, turns run entries into RunSpecs, finds each benchmark's main
+metric, and checks and stages the offline data. `HelmSuite.evaluate` then runs every benchmark
+for one checkpoint and yields its metrics (or its error) benchmark by benchmark.
+
+Output layout (HELM's own): `<output_dir>/helm/runs/iter_XXXXXXX/<run>/stats.json`, with
+`<output_dir>/helm/scenarios/<scenario>` linked to `<data_dir>/<scenario>`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import date
+from pathlib import Path
+
+from megatron_eval_hook.helm.benchmarks import Benchmark
+from megatron_eval_hook.ledger import MetricValue, Stopwatch
+
+MODEL_ORG = "megatron_eval_hook"
+
+# Files each scenario reads from its data folder; HELM downloads any that is missing, which
+# fails on an air-gapped cluster, so the hook checks them before training starts.
+_REQUIRED_DATA = {
+    "mmlu": lambda args: [f"data/dev/{args['subject']}_dev.csv", f"data/test/{args['subject']}_test.csv"],
+    "boolq": lambda args: ["data/train", "data/dev", "data/boolq_perturbed.jsonl"],
+    "narrativeqa": lambda args: [
+        "data/narrativeqa-master/qaps.csv",
+        "data/narrativeqa-master/third_party/wikipedia/summaries.csv",
+    ],
+    "hellaswag": lambda args: ["data/hellaswag_train.jsonl", "data/hellaswag_val.jsonl"],
+}
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark could not be evaluated; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class PreparedBenchmark:
+    benchmark: Benchmark
+    run_specs: tuple  # of helm RunSpec, one per run entry
+    main_metric: str
+    main_split: str
+
+    @property
+    def name(self) -> str:
+        return self.benchmark.name
+
+
+def ensure_punkt_tab(folder: Path) -> None:
+    """Make NLTK find a `punkt_tab` without downloading one (BoolQ's bias and NarrativeQA's BLEU
+    metrics tokenize with it). An existing installation wins; otherwise an empty English model
+    is written to `folder`: sentence splitting without the abbreviation list, which changes
+    nothing for single-sentence answers."""
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        return
+    except LookupError:
+        pass
+    english = folder / "tokenizers" / "punkt_tab" / "english"
+    english.mkdir(parents=True, exist_ok=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (english / name).touch()
+    nltk.data.path.insert(0, str(folder))
+    os.environ["NLTK_DATA"] = os.pathsep.join(filter(None, [str(folder), os.environ.get("NLTK_DATA")]))
+
+
+def register_deployment(key: str, max_sequence_length: int) -> str:
+    """Register the in-process model `key` with HELM; return the deployment name for run entries."""
+    from helm.benchmark.model_deployment_registry import (
+        DEPLOYMENT_NAME_TO_MODEL_DEPLOYMENT,
+        ClientSpec,
+        ModelDeployment,
+        register_model_deployment,
+    )
+    from helm.benchmark.model_metadata_registry import (
+        FULL_FUNCTIONALITY_TEXT_MODEL_TAG,
+        TEXT_MODEL_TAG,
+        ModelMetadata,
+        register_model_metadata,
+    )
+    from helm.benchmark.tokenizer_config_registry import TokenizerConfig, TokenizerSpec, register_tokenizer_config
+
+    name = f"{MODEL_ORG}/{key}"
+    if name in DEPLOYMENT_NAME_TO_MODEL_DEPLOYMENT:
+        return name
+    register_model_metadata(
+        ModelMetadata(
+            name=name,
+            creator_organization_name=MODEL_ORG,
+            display_name=key,
+            description="The Megatron model being trained, evaluated in-process.",
+            access="open",
+            release_date=date.today(),
+            tags=[TEXT_MODEL_TAG, FULL_FUNCTIONALITY_TEXT_MODEL_TAG],
+        )
+    )
+    register_tokenizer_config(
+        TokenizerConfig(
+            name=f"{name}-tokenizer",
+            tokenizer_spec=TokenizerSpec(
+                class_name="megatron_eval_hook.helm.client.InProcessTokenizer", args={"backend": key}
+            ),
+        )
+    )
+    register_model_deployment(
+        ModelDeployment(
+            name=name,
+            model_name=name,
+            tokenizer_name=f"{name}-tokenizer",
+            max_sequence_length=max_sequence_length,
+            client_spec=ClientSpec(class_name="megatron_eval_hook.helm.client.InProcessClient", args={"backend": key}),
+        )
+    )
+    return name
+
+
+def read_stats(path: Path) -> dict[tuple[str, str], MetricValue]:
+    """HELM's aggregated stats of one run, without the perturbation copies, by (metric, split)."""
+    stats = {}
+    for stat in json.loads(path.read_text()):
+        name = stat["name"]
+        if "perturbation" in name or "mean" not in stat or stat.get("count", 0) == 0:
+            continue
+        key = (name["name"], name.get("split", ""))
+        stats[key] = MetricValue(key[0], key[1], float(stat["mean"]), int(stat["count"]))
+    return stats
+
+
+def _mean_over_runs(per_run: list[dict[tuple[str, str], MetricValue]]) -> list[MetricValue]:
+    keys = dict.fromkeys(k for stats in per_run for k in stats)
+    merged = []
+    for metric, split in keys:
+        values = [stats[(metric, split)] for stats in per_run if (metric, split) in stats]
+        mean = sum(v.value for v in values) / len(values)
+        merged.append(MetricValue(metric, split, mean, sum(v.count for v in values)))
+    return merged
+
+
+BenchmarkOutcome = tuple[PreparedBenchmark, list[MetricValue] | Exception, float]
+
+
+class HelmSuite:
+    """The configured benchmarks, ready to evaluate any checkpoint of the model `model_key`."""
+
+    def __init__(
+        self,
+        benchmarks: list[Benchmark],
+        *,
+        model_key: str,
+        data_dir: str | Path,
+        output_dir: str | Path,
+        max_sequence_length: int,
+        max_eval_instances: int,
+        num_train_trials: int = 1,
+    ):
+        self.data_dir = Path(data_dir).resolve()
+        self.helm_dir = Path(output_dir).resolve() / "helm"
+        self.model_key = model_key
+        self.helm_dir.mkdir(parents=True, exist_ok=True)
+        ensure_punkt_tab(self.helm_dir / "nltk_data")
+        deployment = register_deployment(model_key, max_sequence_length)
+        self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
+        self._stage_data()
+
+    def _prepare(
+        self, benchmark: Benchmark, deployment: str, max_eval_instances: int, num_train_trials: int
+    ) -> PreparedBenchmark:
+        from helm.benchmark.presentation.run_entry import RunEntry
+        from helm.benchmark.run import run_entries_to_run_specs
+        from helm.benchmark.scenarios.scenario import create_scenario
+
+        specs = []
+        metadata = None
+        for entry in benchmark.run_entries:
+            where = f"benchmark {benchmark.name!r} (run entry {entry!r})"
+            try:
+                separator = "," if ":" in entry else ":"
+                found = run_entries_to_run_specs(
+                    [RunEntry(description=f"{entry}{separator}model={deployment}", priority=1, groups=None)],
+                    max_eval_instances=max_eval_instances,
+                    num_train_trials=num_train_trials,
+                )
+            except Exception as error:
+                raise BenchmarkError(f"{where} is not a HELM run entry: {error}. Fix: {_suggest(entry)}") from error
+            for spec in found:
+                scenario = create_scenario(spec.scenario_spec)
+                self._check_data(where, scenario.name, spec.scenario_spec.args)
+                try:
+                    metadata = metadata or scenario.get_metadata()
+                except NotImplementedError as error:
+                    raise BenchmarkError(
+                        f"{where}: HELM scenario {scenario.name!r} declares no main metric, so the hook cannot "
+                        "tell which score to report. Fix: use a scenario with metadata."
+                    ) from error
+                specs.append(replace(spec, name=spec.name.replace("/", "_")))
+        return PreparedBenchmark(benchmark, tuple(specs), metadata.main_metric, metadata.main_split)
+
+    def _check_data(self, where: str, scenario: str, args: dict) -> None:
+        folder = self.data_dir / scenario
+        required = _REQUIRED_DATA.get(scenario, lambda _: [""])(args)
+        missing = [str(folder / r) for r in required if not (folder / r).exists()]
+        if missing:
+            raise BenchmarkError(
+                f"{where} needs HELM data of scenario {scenario!r} that is missing from data_dir "
+                f"{self.data_dir}: {', '.join(missing)}. Fix: put the scenario's files there in HELM's layout "
+                f"(<data_dir>/{scenario}/... as in HELM's benchmark_output/scenarios/), or set data_dir."
+            )
+
+    def _stage_data(self) -> None:
+        scenarios = self.helm_dir / "scenarios"
+        scenarios.mkdir(exist_ok=True)
+        for source in self.data_dir.iterdir():
+            link = scenarios / source.name
+            if link.is_symlink() and link.resolve() != source.resolve():
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(source, target_is_directory=True)
+
+    def evaluate(
+        self, model, iteration: int
+    ) -> Iterator[tuple[PreparedBenchmark, list[MetricValue] | Exception, float]]:
+        """For each benchmark: (benchmark, its metrics or the error, seconds taken) at `iteration`."""
+        from helm.benchmark.runner import set_benchmark_output_path
+
+        set_benchmark_output_path(str(self.helm_dir))
+        runner = _batching_runner(model, self.helm_dir, suite=f"iter_{iteration:07d}")
+        for prepared in self.benchmarks:
+            watch = Stopwatch()
+            try:
+                per_run = [self._run(runner, spec, prepared) for spec in prepared.run_specs]
+                yield prepared, _mean_over_runs(per_run), watch.elapsed()
+            except Exception as error:  # one benchmark failing must not stop the others
+                yield prepared, error, watch.elapsed()
+
+    def _run(self, runner, spec, prepared: PreparedBenchmark) -> dict[tuple[str, str], MetricValue]:
+        runner.run_one(spec)
+        path = Path(runner.runs_path) / spec.name / "stats.json"
+        stats = read_stats(path)
+        main = stats.get((prepared.main_metric, prepared.main_split))
+        if main is None:
+            raise BenchmarkError(
+                f"HELM run {spec.name} produced no {prepared.main_metric} on the {prepared.main_split} split "
+                f"(zero instances?) in {path}. Fix: check that data_dir holds {prepared.main_split} instances "
+                "for this scenario."
+            )
+        return stats
+
+
+def _batching_runner(model, helm_dir: Path, suite: str):
+    from helm.benchmark.executor import ExecutionSpec, Executor
+    from helm.benchmark.runner import Runner
+    from helm.common.authentication import Authentication
+
+    class BatchingExecutor(Executor):
+        """Answers all requests of a run in batches before HELM asks for them one by one."""
+
+        def execute(self, scenario_state):
+            model.prefetch([state.request for state in scenario_state.request_states])
+            try:
+                return super().execute(scenario_state)
+            finally:
+                model.forget()
+
+    spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(helm_dir / "prod_env"), parallelism=1)
+    runner = Runner(
+        spec,
+        str(helm_dir),
+        suite,
+        skip_instances=False,
+        cache_instances=False,
+        cache_instances_only=False,
+        skip_completed_runs=False,
+        exit_on_error=True,
+    )
+    runner.executor = BatchingExecutor(spec)
+    return runner
+
+
+def _suggest(entry: str) -> str:
+    from helm.benchmark.run_spec import _REGISTERED_RUN_SPEC_FUNCTIONS, discover_run_spec_functions
+
+    discover_run_spec_functions()
+    name = entry.split(":", 1)[0]
+    close = difflib.get_close_matches(name, list(_REGISTERED_RUN_SPEC_FUNCTIONS), n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return f"use a HELM run-spec name such as boolq, mmlu:subject=anatomy or narrative_qa.{hint}"

@@ -1,0 +1,256 @@
+"""The hook: wraps Megatron's `save_checkpoint` and evaluates the saved weights right after.
+
+Megatron has no callback API. Its training loop calls `save_checkpoint` through the name it
+imported into `megatron.training.training`, and ADLR autoresume through the one in
+`megatron.training.checkpointing`; `install_hook` wraps both. The wrapper fires on every rank
+after each save and asks the hook whether this save is to be evaluated.
+
+Sync placement with data parallelism: the last rank (the one Megatron gives its W&B run)
+evaluates, while the other ranks wait in a barrier of a gloo group of the hook's own with a long
+timeout, so no training collective can time out.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_eval_hook.config import ConfigError, EvalHookConfig, load_config
+from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
+from megatron_eval_hook.ledger import Ledger, Stopwatch
+from megatron_eval_hook.placement.sync import SyncPlacement
+
+logger = logging.getLogger("megatron_eval_hook")
+
+_ACTIVE: EvalHook | None = None  # the hook the installed wrappers call
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """One persistent save, as the hook sees it."""
+
+    iteration: int
+    final: bool  # the run's last save
+    tokens: int | None  # training tokens consumed so far
+
+
+def install_hook(args: Any, config: EvalHookConfig | None = None) -> EvalHook | None:
+    """Load the config named by `args`, validate everything, and wrap Megatron's save path.
+
+    Raises `ConfigError` (before training starts) for any bad value. Returns None when the
+    config says `enabled: false`.
+    """
+    global _ACTIVE
+    if _ACTIVE is not None and _ACTIVE.args is args:
+        return _ACTIVE  # installed already for these arguments (patched script run through the launcher)
+    if config is None:
+        config = load_config(args.eval_hook_config, args.eval_hook_override or [])
+    _setup_logging()
+    if not config.enabled:
+        logger.info("eval hook: disabled by %s (enabled: false)", args.eval_hook_config)
+        return None
+    _ACTIVE = EvalHook(config, args)
+    _wrap_save_checkpoint()
+    return _ACTIVE
+
+
+def _setup_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[eval-hook] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _wrap_save_checkpoint() -> None:
+    import megatron.training.checkpointing as checkpointing
+    import megatron.training.training as training
+
+    for module in (training, checkpointing):
+        original = module.save_checkpoint
+        if getattr(original, "__wrapped_by_eval_hook__", False):
+            continue  # installed before (e.g. in-process restart): the wrapper calls the newest hook
+
+        @functools.wraps(original)
+        def save_checkpoint(iteration, model, *args, __original=original, **kwargs):
+            result = __original(iteration, model, *args, **kwargs)
+            if _ACTIVE is not None:
+                _ACTIVE.after_save(iteration, model, non_persistent=bool(kwargs.get("non_persistent_ckpt", False)))
+            return result
+
+        save_checkpoint.__wrapped_by_eval_hook__ = True  # type: ignore[attr-defined]
+        module.save_checkpoint = save_checkpoint
+
+
+class EvalHook:
+    """Decides which saves to evaluate and runs the evaluation with training's state kept intact."""
+
+    def __init__(self, config: EvalHookConfig, args: Any):
+        self.config = config
+        self.args = args
+        self._check_parallelism(args)
+        if not args.save:
+            raise ConfigError(
+                "--eval-hook-config is set but --save is not: the hook evaluates saved checkpoints. "
+                "Fix: pass --save DIR and --save-interval N."
+            )
+        self.run = config.run_name or getattr(args, "wandb_exp_name", None) or Path(args.save).resolve().name
+        self.output_dir = Path(config.output_dir or Path(args.save) / "eval_hook").resolve()
+        self.ledger_path = Path(config.ledger).resolve() if config.ledger else self.output_dir / "ledger.sqlite"
+        self.rank = int(getattr(args, "rank", 0) or 0)
+        self.world_size = int(getattr(args, "world_size", 1) or 1)
+        self.evaluating_rank = self.world_size - 1  # Megatron's W&B rank
+        self._check_schedule(args)
+        try:
+            benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
+        except ValueError as error:
+            raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: benchmarks: {error}") from error
+        self.placement = SyncPlacement(
+            config,
+            benchmarks,
+            run=self.run,
+            output_dir=self.output_dir,
+            ledger=Ledger(self.ledger_path) if self.is_evaluating_rank else None,
+            max_sequence_length=config.engine.max_sequence_length or args.seq_length,
+            megatron_args=args,
+            config_path=args.eval_hook_config,
+        )
+        self._group = None
+        self._evaluated: set[int] = set()
+        if self.is_evaluating_rank:
+            logger.info(
+                "installed: run %r, benchmarks %s, schedule %s, ledger %s",
+                self.run,
+                [b.name for b in benchmarks],
+                config.schedule,
+                self.ledger_path,
+            )
+
+    @property
+    def is_evaluating_rank(self) -> bool:
+        return self.rank == self.evaluating_rank
+
+    def _check_parallelism(self, args: Any) -> None:
+        sizes = {
+            "--tensor-model-parallel-size": getattr(args, "tensor_model_parallel_size", 1) or 1,
+            "--pipeline-model-parallel-size": getattr(args, "pipeline_model_parallel_size", 1) or 1,
+            "--context-parallel-size": getattr(args, "context_parallel_size", 1) or 1,
+        }
+        sharded = {flag: size for flag, size in sizes.items() if size > 1}
+        if sharded:
+            raise ConfigError(
+                f"the sync placement evaluates on one rank and needs the whole model there, but the run shards it "
+                f"({', '.join(f'{k} {v}' for k, v in sharded.items())}). Fix: use data parallelism only with "
+                "placement=sync; model-parallel evaluation is not available yet."
+            )
+
+    def _check_schedule(self, args: Any) -> None:
+        schedule, interval = self.config.schedule, args.save_interval
+        last = args.train_iters
+        if not interval or not last:
+            return
+        if schedule.start > last:
+            raise ConfigError(
+                f"schedule.start={schedule.start} is after the last iteration (--train-iters {last}): nothing would "
+                "be evaluated. Fix: lower schedule.start."
+            )
+        grid = range(interval, (schedule.end or last) + 1, interval)
+        if not any(schedule.selects(i) for i in grid) and not schedule.final:
+            raise ConfigError(
+                f"schedule (start={schedule.start}, every={schedule.every}, end={schedule.end}) selects none of the "
+                f"saves at multiples of --save-interval {interval} up to iteration {last}. Fix: make schedule.every a "
+                "multiple of --save-interval, or set schedule.final=true."
+            )
+
+    def _is_final(self, iteration: int) -> bool:
+        args = self.args
+        exit_interval = getattr(args, "exit_interval", None)
+        return bool(
+            (args.train_iters and iteration >= args.train_iters) or (exit_interval and iteration % exit_interval == 0)
+        )
+
+    def _tokens(self) -> int | None:
+        samples = getattr(self.args, "consumed_train_samples", None)
+        return int(samples * self.args.seq_length) if samples else None
+
+    def after_save(self, iteration: int, model: Any, non_persistent: bool = False) -> None:
+        """Called on every rank after Megatron saved `iteration`. Never raises into training
+        (but for KeyboardInterrupt/SystemExit)."""
+        event = SaveEvent(iteration, self._is_final(iteration), self._tokens())
+        if non_persistent or iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
+            return
+        self._evaluated.add(iteration)
+        watch = Stopwatch()
+        try:
+            if self.is_evaluating_rank:
+                with preserved_training_state(model):
+                    self.placement.evaluate(event, model)
+        except Exception:  # an evaluation must never kill training; the placement recorded the failure
+            logger.exception("evaluation at iteration %d failed", iteration)
+        finally:
+            self._wait_for_evaluating_rank()
+        if self.is_evaluating_rank:
+            self.placement.publish(event, blocked_s=watch.elapsed())
+
+    def _wait_for_evaluating_rank(self) -> None:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return
+        if self._group is None:
+            # Collective on all ranks, at the first evaluated save (all ranks reach it together).
+            self._group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=24))
+        torch.distributed.barrier(group=self._group)
+
+
+@contextmanager
+def preserved_training_state(model: Any):
+    """Evaluate with the model in eval mode and every RNG untouched, then put training back
+    exactly as it was: train mode, and the Python, NumPy, torch (CPU and CUDA) and Megatron
+    model-parallel RNG states, so training continues bit-identically."""
+    chunks = model if isinstance(model, list) else [model]
+    modes = [chunk.training for chunk in chunks]
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = _cuda_rng_states()
+    tracker_states = _megatron_rng_states()
+    try:
+        yield
+    finally:
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if tracker_states is not None:
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
+
+
+def _cuda_rng_states():
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.get_rng_state_all()
+    except (AssertionError, RuntimeError):  # torch built without CUDA behind CPU shims
+        return None
+
+
+def _megatron_rng_states():
+    from megatron.core import tensor_parallel
+
+    try:
+        return tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # no tracker initialised (e.g. a model built outside Megatron's initialisation)
+        return None
