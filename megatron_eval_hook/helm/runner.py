@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -166,6 +167,9 @@ class HelmSuite:
         self.helm_dir = Path(output_dir).resolve() / "helm"
         self.model_key = model_key
         self.helm_dir.mkdir(parents=True, exist_ok=True)
+        # HELM logs every step at INFO, and Megatron sets the root logger to INFO: keep the
+        # training log readable (HELM's own outputs stay on disk).
+        logging.getLogger("helm").setLevel(logging.WARNING)
         ensure_punkt_tab(self.helm_dir / "nltk_data")
         deployment = register_deployment(model_key, max_sequence_length)
         self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
