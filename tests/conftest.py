@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +30,12 @@ def _hermetic_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
-    for variable, folder in (("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                             ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CONFIG_DIR", "wandb-config")):
+    for variable, folder in (
+        ("WANDB_DIR", "wandb"),
+        ("WANDB_CACHE_DIR", "wandb-cache"),
+        ("WANDB_DATA_DIR", "wandb-data"),
+        ("WANDB_CONFIG_DIR", "wandb-config"),
+    ):
         monkeypatch.setenv(variable, str(tmp_path / folder))
 
 
@@ -91,4 +97,16 @@ def char_tokenizer() -> CharTokenizer:
 
 @pytest.fixture
 def gpt(megatron_world, char_tokenizer):
-    return tiny_gpt(char_tokenizer.vocab_size)
+    return tiny_gpt(char_tokenizer.vocab_size, max_sequence_length=1024)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt2"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo's generated data (corpus, tokenizer, .bin/.idx, HELM files), made once per session."""
+    sys.path.insert(0, str(EXAMPLES))
+    from demo_data import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo-data"))

@@ -91,8 +91,15 @@ def test_an_override_without_equals_sign_shows_the_syntax():
 
 @pytest.mark.parametrize(
     "iteration, final, selected",
-    [(100, False, False), (200, False, True), (300, False, False), (400, False, True), (300, True, True),
-     (900, False, False), (1000, True, False)],
+    [
+        (100, False, False),
+        (200, False, True),
+        (300, False, False),
+        (400, False, True),
+        (300, True, True),
+        (900, False, False),
+        (1000, True, False),
+    ],
 )
 def test_schedule_selects_start_every_end_and_the_final_save(iteration, final, selected):
     schedule = ScheduleConfig(start=200, end=800, every=200, final=True)

@@ -1,0 +1,177 @@
+"""The hook inside Megatron's real training loop (`megatron.training.pretrain`, CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import EXAMPLES
+from wandb_offline import read_run, run_files, series
+
+from megatron_eval_hook.ledger import Ledger
+
+sys.path.insert(0, str(EXAMPLES))
+from cpu_run import CPU_ARGS, PRETRAIN_GPT2, torchrun_command  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+FACTS = "facts=mmlu:subject=demo_facts,method=multiple_choice_separate_original"
+TINY = (
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "128", "--max-position-embeddings", "128",
+    "--micro-batch-size", "4", "--lr", "1e-3", "--seed", "7",
+    "--hidden-dropout", "0.1", "--attention-dropout", "0.1",  # on: an RNG mix-up would change the loss
+    "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000000", "--ckpt-format", "torch_dist",
+    "--tokenizer-type", "GPT2BPETokenizer", "--split", "100,0,0",
+)  # fmt: skip
+
+
+def train(
+    tmp: Path,
+    data,
+    *,
+    iterations: int,
+    save_interval: int,
+    nproc: int = 1,
+    hook: list[str] | None = None,
+    script: Path = PRETRAIN_GPT2,
+    launcher: bool = False,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
+    """Run a tiny pretraining; `hook` are --eval-hook-override values (None: no hook)."""
+    args = [
+        *TINY, *CPU_ARGS, "--global-batch-size", str(4 * nproc),
+        "--train-iters", str(iterations), "--save-interval", str(save_interval), "--save", str(tmp / "checkpoints"),
+        "--vocab-file", str(data.vocab_file), "--merge-file", str(data.merge_file),
+        "--data-path", str(data.data_prefix), "--tensorboard-dir", str(tmp / "tensorboard"),
+        "--wandb-project", "tests", "--wandb-exp-name", "run", "--wandb-save-dir", str(tmp),
+    ]  # fmt: skip
+    if hook is not None:
+        args += ["--eval-hook-config", str(REPO / "conf" / "helm.yaml")]
+        for override in [f"data_dir={data.helm_dir}", f"output_dir={tmp / 'eval'}", "max_eval_instances=2", *hook]:
+            args += ["--eval-hook-override", override]
+    head = [str(REPO / "tests" / "cpu_launch.py"), str(script)] if launcher else [str(script)]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
+    return subprocess.run(
+        torchrun_command([*head, *args], nproc=nproc),
+        cwd=data.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def training_loss(tmp: Path) -> list[tuple[int, float]]:
+    (path,) = run_files(tmp / "wandb")
+    return series(read_run(path), "lm loss")
+
+
+@pytest.fixture(scope="module")
+def with_broken_benchmark(demo_data, tmp_path_factory) -> Path:
+    """The demo's HELM data plus an MMLU subject with no questions (its evaluation must fail)."""
+    root = tmp_path_factory.mktemp("data")
+    for scenario in ("boolq", "narrativeqa", "hellaswag"):
+        (root / scenario).symlink_to(demo_data.helm_dir / scenario)
+    for split in ("dev", "val", "test"):
+        folder = root / "mmlu" / "data" / split
+        folder.mkdir(parents=True)
+        for source in (demo_data.helm_dir / "mmlu" / "data" / split).iterdir():
+            (folder / source.name).symlink_to(source)
+        (folder / f"empty_{split}.csv").write_text("")
+    return root
+
+
+@pytest.fixture(scope="module")
+def hooked(demo_data, with_broken_benchmark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hooked")
+    hook = [
+        "benchmarks=[boolq," + FACTS + ",broken=mmlu:subject=empty]",
+        f"data_dir={with_broken_benchmark}",
+        "schedule.every=3",
+    ]
+    return tmp, ok(train(tmp, demo_data, iterations=7, save_interval=3, hook=hook))
+
+
+def test_every_scheduled_save_is_evaluated_once_per_benchmark(hooked):
+    tmp, _ = hooked
+    rows = Ledger(tmp / "eval" / "ledger.sqlite").results()
+    evaluated = sorted({(r["iteration"], r["benchmark"]) for r in rows})
+    assert evaluated == [(i, b) for i in (3, 6, 7) for b in ("boolq", "broken", "facts")]
+    assert len(rows) == len(evaluated)
+    for row in rows:
+        assert row["duration_s"] > 0 and row["blocked_s"] >= row["duration_s"] and row["placement"] == "sync"
+
+
+def test_a_failing_benchmark_is_recorded_and_training_goes_on(hooked):
+    tmp, result = hooked
+    rows = Ledger(tmp / "eval" / "ledger.sqlite").results()
+    assert {r["status"] for r in rows if r["benchmark"] == "broken"} == {"failed"}
+    assert all("zero instances" in r["error"] for r in rows if r["benchmark"] == "broken")
+    assert {r["status"] for r in rows if r["benchmark"] != "broken"} == {"ok"}
+    assert "iteration        7/       7" in result.stdout
+
+
+def test_one_readable_line_per_evaluation(hooked):
+    _, result = hooked
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[eval-hook] iteration")]
+    assert [line.split(":")[0] for line in lines] == [f"[eval-hook] iteration {i}" for i in (3, 6, 7)]
+    assert "boolq" in lines[0] and "training blocked" in lines[0]
+
+
+def test_scores_are_in_the_training_runs_wandb_against_the_iteration(hooked):
+    tmp, _ = hooked
+    (path,) = run_files(tmp / "wandb")  # one run: Megatron's, holding both the loss and the scores
+    run = read_run(path)
+    assert [step for step, _ in series(run, "lm loss")] == list(range(1, 8))
+    facts = series(run, "eval/facts/exact_match", x="eval/iteration")
+    assert [iteration for iteration, _ in facts] == [3, 6, 7]
+    assert [i for i, _ in series(run, "eval/blocked_s", x="eval/iteration")] == [3, 6, 7]
+    assert run["metrics"].get("eval/*") == "eval/iteration"
+
+
+def test_training_with_the_hook_is_bit_identical_to_training_without(hooked, demo_data, tmp_path):
+    tmp, _ = hooked
+    plain = tmp_path / "plain"
+    ok(train(plain, demo_data, iterations=7, save_interval=3))
+    assert training_loss(tmp) == training_loss(plain)
+
+
+def test_data_parallel_ranks_wait_for_the_evaluating_rank(demo_data, tmp_path):
+    result = ok(train(tmp_path, demo_data, iterations=4, save_interval=2, nproc=2, hook=["benchmarks=[boolq]"]))
+    rows = Ledger(tmp_path / "eval" / "ledger.sqlite").results()
+    assert [(r["iteration"], r["benchmark"], r["status"]) for r in rows] == [(2, "boolq", "ok"), (4, "boolq", "ok")]
+    assert result.stdout.count("[eval-hook] iteration 2:") == 1
+
+
+def test_a_config_mistake_stops_the_job_before_the_first_iteration(demo_data, tmp_path):
+    result = train(tmp_path, demo_data, iterations=2, save_interval=2, hook=["schedule.evry=3"])
+    assert result.returncode != 0
+    assert "schedule.evry" in result.stdout + result.stderr
+    assert "iteration        1/" not in result.stdout
+
+
+def test_the_launcher_installs_the_hook_in_an_unmodified_script(demo_data, tmp_path):
+    result = ok(
+        train(
+            tmp_path,
+            demo_data,
+            iterations=2,
+            save_interval=2,
+            hook=["benchmarks=[boolq]"],
+            script=REPO / "tests" / "stock_pretrain.py",
+            launcher=True,
+        )
+    )
+    rows = Ledger(tmp_path / "eval" / "ledger.sqlite").results()
+    assert [(r["iteration"], r["status"]) for r in rows] == [(2, "ok")]
+    assert "[eval-hook] installed" in result.stdout
