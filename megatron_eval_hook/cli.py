@@ -1,6 +1,6 @@
 """`megatron-eval`: command-line views of the ledger.
 
-    megatron-eval results --ledger PATH [--run NAME] [--all-metrics] [--format table|json]
+megatron-eval results --ledger PATH [--run NAME] [--all-metrics] [--format table|json]
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def format_table(rows: list[dict], columns: Sequence[str] = _TABLE_COLUMNS) -> s
 def _results(args: argparse.Namespace) -> int:
     path = Path(args.ledger)
     if not path.is_file():
-        print(f"megatron-eval results: no ledger at {path}. Fix: pass the ledger.sqlite the hook wrote "
-              "(default <--save>/eval_hook/ledger.sqlite).", file=sys.stderr)
+        print(
+            f"megatron-eval results: no ledger at {path}. Fix: pass the ledger.sqlite the hook wrote "
+            "(default <--save>/eval_hook/ledger.sqlite).",
+            file=sys.stderr,
+        )
         return 2
     rows = Ledger(path).results(run=args.run, all_metrics=args.all_metrics)
     if args.format == "json":

@@ -176,9 +176,16 @@ def _explain(error: BaseException) -> str:
             if isinstance(cause, ValidationError):
                 return f"bad value for key '{key}': {message}. Fix: give a value of the type the key takes."
             return f"key '{key}': {message}"
-    first = chain[-1]
-    text = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
-    return f"{type(first).__name__}: {text}"
+    from hydra.errors import OverrideParseException
+
+    for cause in chain:
+        if isinstance(cause, OverrideParseException):
+            return (
+                f"an override does not parse ({str(cause).strip().splitlines()[0]}). Fix: quote values that "
+                "contain '=', ':' or ',', e.g. 'benchmarks=[default,\"facts=mmlu:subject=my_facts\"]'."
+            )
+    described = next((c for c in chain if str(c).strip()), chain[0])
+    return f"{type(described).__name__}: {str(described).strip().splitlines()[0]}"
 
 
 def _known_keys(dotted_parent: str) -> list[str]:

@@ -104,3 +104,10 @@ def test_an_override_without_equals_sign_shows_the_syntax():
 def test_schedule_selects_start_every_end_and_the_final_save(iteration, final, selected):
     schedule = ScheduleConfig(start=200, end=800, every=200, final=True)
     assert schedule.selects(iteration, final) is selected
+
+
+def test_an_unquoted_named_entry_in_a_list_override_says_how_to_quote_it():
+    with pytest.raises(ConfigError, match="quote values"):
+        load_config(CONF, ["benchmarks=[boolq,facts=mmlu:subject=x]"])
+    config = load_config(CONF, ["benchmarks=[boolq,'facts=mmlu:subject=x']"])
+    assert config.benchmarks == ["boolq", "facts=mmlu:subject=x"]

@@ -70,9 +70,10 @@ def test_scores_come_from_the_files_helm_wrote(tmp_path, demo_data, in_process):
     on_disk = {
         (s["name"]["name"], s["name"].get("split")): s["mean"]
         for s in json.loads(stats_file.read_text())
-        if "perturbation" not in s["name"] and s.get("count")
+        if "perturbation" not in s["name"] and "mean" in s
     }
     assert {(m.metric, m.split): m.value for m in metrics} == on_disk
+    assert {m.count for m in metrics if m.split == "valid"} == {4}  # instances, not HELM's trial count
 
 
 def test_requests_of_a_run_are_batched_not_answered_one_by_one(tmp_path, demo_data, in_process):

@@ -95,7 +95,7 @@ def with_broken_benchmark(demo_data, tmp_path_factory) -> Path:
 def hooked(demo_data, with_broken_benchmark, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hooked")
     hook = [
-        "benchmarks=[boolq," + FACTS + ",broken=mmlu:subject=empty]",
+        f"benchmarks=[boolq,'{FACTS}','broken=mmlu:subject=empty']",
         f"data_dir={with_broken_benchmark}",
         "schedule.every=3",
     ]

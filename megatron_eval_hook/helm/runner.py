@@ -125,14 +125,16 @@ def register_deployment(key: str, max_sequence_length: int) -> str:
 
 
 def read_stats(path: Path) -> dict[tuple[str, str], MetricValue]:
-    """HELM's aggregated stats of one run, without the perturbation copies, by (metric, split)."""
+    """HELM's aggregated stats of one run, without the perturbation copies, by (metric, split).
+
+    A metric's `count` is the number of instances of its split (HELM's own `count` is the
+    number of trials its mean is taken over)."""
+    entries = [s for s in json.loads(path.read_text()) if "perturbation" not in s["name"] and "mean" in s]
+    instances = {s["name"].get("split", ""): int(s["mean"]) for s in entries if s["name"]["name"] == "num_instances"}
     stats = {}
-    for stat in json.loads(path.read_text()):
-        name = stat["name"]
-        if "perturbation" in name or "mean" not in stat or stat.get("count", 0) == 0:
-            continue
-        key = (name["name"], name.get("split", ""))
-        stats[key] = MetricValue(key[0], key[1], float(stat["mean"]), int(stat["count"]))
+    for stat in entries:
+        key = (stat["name"]["name"], stat["name"].get("split", ""))
+        stats[key] = MetricValue(key[0], key[1], float(stat["mean"]), instances.get(key[1], 0))
     return stats
 
 
@@ -250,7 +252,7 @@ class HelmSuite:
         path = Path(runner.runs_path) / spec.name / "stats.json"
         stats = read_stats(path)
         main = stats.get((prepared.main_metric, prepared.main_split))
-        if main is None:
+        if main is None or main.count == 0:
             raise BenchmarkError(
                 f"HELM run {spec.name} produced no {prepared.main_metric} on the {prepared.main_split} split "
                 f"(zero instances?) in {path}. Fix: check that data_dir holds {prepared.main_split} instances "
