@@ -149,15 +149,6 @@ class Ledger:
             )
             return cursor.rowcount
 
-    def evaluated_ok(self, run: str, iteration: int) -> set[str]:
-        """The benchmarks of `run` already evaluated successfully at `iteration`."""
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT DISTINCT benchmark FROM evaluations WHERE run = ? AND iteration = ? AND status = 'ok'",
-                (run, iteration),
-            ).fetchall()
-        return {row[0] for row in rows}
-
     def results(self, run: str | None = None, all_metrics: bool = False) -> list[dict[str, Any]]:
         """Every finished attempt, oldest first, as flat rows.
 

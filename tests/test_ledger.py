@@ -46,13 +46,6 @@ def test_an_attempt_left_running_by_a_dead_process_becomes_failed(tmp_path):
     assert row["status"] == "failed" and "interrupted" in row["error"]
 
 
-def test_evaluated_ok_lists_benchmarks_done_at_an_iteration(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    fill(ledger)
-    assert ledger.evaluated_ok("run-a", 100) == {"boolq"}
-    assert ledger.evaluated_ok("run-b", 100) == set()
-
-
 def test_cli_results_json_prints_the_documented_fields(tmp_path, capsys):
     path = tmp_path / "ledger.sqlite"
     fill(Ledger(path))
