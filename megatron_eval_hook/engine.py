@@ -66,13 +66,13 @@ class Engine:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def _logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Log-softmax over the real vocabulary at every position: [b, s] ids -> [b, s, vocab] float32."""
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits over the real vocabulary at every position: [b, s] ids -> [b, s, vocab]."""
         batch, length = tokens.shape
         positions = torch.arange(length, device=self.device).unsqueeze(0).expand(batch, length)
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=self.device), diagonal=1)
         logits = self.model(tokens, positions, causal.view(1, 1, length, length), runtime_gather_output=True)
-        return torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+        return logits[..., : self.vocab_size]
 
     def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
         """Indices grouped into batches of similar length, longest first."""
@@ -97,7 +97,10 @@ class Engine:
         for batch in self._batches([len(s) for s in sequences]):
             width = max(len(sequences[i]) for i in batch)
             tokens = self._padded([sequences[i] for i in batch], width)
-            logprobs = self._logprobs(tokens)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1).cpu()
+            logits = self._logits(tokens)[:, :-1]
+            # log_softmax at the next token only: no second [b, s, vocab] tensor
+            picked = logits.gather(-1, tokens[:, 1:, None]).squeeze(-1).float()
+            logprobs = (picked - torch.logsumexp(logits.float(), dim=-1)).cpu()
             for row, i in enumerate(batch):
                 n = len(sequences[i])
                 results[i] = [0.0] + logprobs[row, : n - 1].tolist() if n else []
@@ -136,9 +139,9 @@ class Engine:
         while any(reason is None for reason in reasons):
             live = [i for i, reason in enumerate(reasons) if reason is None]
             current = max(lengths[i] for i in live)
-            step = self._logprobs(tokens[live, :current])
+            logits = self._logits(tokens[live, :current])
             last = torch.tensor([lengths[i] - 1 for i in live], device=self.device)
-            next_logprobs = step[torch.arange(len(live), device=self.device), last]
+            next_logprobs = torch.log_softmax(logits[torch.arange(len(live), device=self.device), last].float(), -1)
             best_logprob, best = next_logprobs.max(dim=-1)
             for row, i in enumerate(live):
                 token = int(best[row])

@@ -33,7 +33,9 @@ def test_generation_is_greedy_and_independent_of_batch_size(gpt, char_tokenizer)
     requests = [GenerationRequest([5, 6, 7], 6), GenerationRequest([9], 4), GenerationRequest([1, 2, 3, 4, 5, 6], 5)]
     batched = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=8).generate(requests)
     single = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=1).generate(requests)
-    assert batched == single
+    assert [g.tokens for g in batched] == [g.tokens for g in single]
+    for b, s in zip(batched, single):  # batch shapes change float rounding only
+        assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(s.logprobs), atol=1e-5)
     for request, generation in zip(requests, batched):
         tokens = list(request.prompt)
         for token in generation.tokens:  # each generated token is the argmax given what precedes it

@@ -19,9 +19,9 @@ class CountingEngine(Engine):
 
     forwards = 0
 
-    def _logprobs(self, tokens):
+    def _logits(self, tokens):
         CountingEngine.forwards += 1
-        return super()._logprobs(tokens)
+        return super()._logits(tokens)
 
 
 def suite_for(tmp_path, demo_data, benchmarks, key="suite-test", **kwargs):
