@@ -10,13 +10,18 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# megatron-core 0.19.2 declares Python >= 3.12 but ships a working cp311 wheel, hence
-# --ignore-requires-python. The constraints keep the local CPU torch (no CUDA build), and
-# torchvision, which crfm-helm pulls in, is removed: beside the CPU torch it breaks every
-# `transformers` model import, and HELM's text benchmarks never use it.
+# megatron-core 0.19.2 declares Python >= 3.12 but ships a working cp311 wheel: it is installed
+# on its own with --ignore-requires-python (given to the whole install, that flag would also
+# pick packages that really need 3.12), and then satisfies the project's pin (pyproject.toml).
+# The constraints keep the local CPU torch (no CUDA build). torchvision, which crfm-helm pulls
+# in, is removed: beside the CPU torch it breaks every `transformers` model import, and HELM's
+# text benchmarks never use it.
+MEGATRON_CORE := megatron-core==0.19.2
+
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --ignore-requires-python -c constraints-cpu.txt -e '.[test]'
+	$(PY) -m pip install --quiet --ignore-requires-python --no-deps $(MEGATRON_CORE)
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[test]'
 	$(PY) -m pip uninstall --quiet --yes torchvision
 	touch $@
 
