@@ -191,6 +191,14 @@ class EvalHook:
         if non_persistent or iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
             return
         self._evaluated.add(iteration)
+        if self.is_evaluating_rank and self._exiting_on_signal():
+            # A preempted job saves and must stop within its grace period: do not spend it here.
+            self.placement.skip(
+                event,
+                "the job received its exit signal (e.g. preemption) and is stopping; "
+                "evaluating now could outlast the grace period",
+            )
+            return
         watch = Stopwatch()
         try:
             if self.is_evaluating_rank:
@@ -202,6 +210,15 @@ class EvalHook:
             self._wait_for_evaluating_rank()
         if self.is_evaluating_rank:
             self.placement.publish(event, blocked_s=watch.elapsed())
+
+    def _exiting_on_signal(self) -> bool:
+        """Whether Megatron's exit-signal handler (--exit-signal-handler) caught its signal here."""
+        if not getattr(self.args, "exit_signal_handler", False):
+            return False
+        from megatron.training import global_vars
+
+        handler = getattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", None)
+        return bool(getattr(handler, "_signal_received", False))
 
     def _wait_for_evaluating_rank(self) -> None:
         if self.world_size == 1 or not torch.distributed.is_initialized():

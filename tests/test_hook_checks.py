@@ -47,3 +47,18 @@ def test_a_schedule_starting_after_the_last_iteration_is_refused():
     config = EvalHookConfig(schedule=ScheduleConfig(start=5000))
     with pytest.raises(ConfigError, match="schedule.start=5000"):
         EvalHook(config, megatron_args())
+
+
+def test_a_save_made_because_of_the_exit_signal_is_skipped_with_the_reason(tmp_path, demo_data, monkeypatch):
+    from megatron.training import global_vars
+
+    from megatron_eval_hook.ledger import Ledger
+
+    config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), output_dir=str(tmp_path))
+    config.wandb.enabled = False
+    hook = EvalHook(config, megatron_args(save=str(tmp_path / "run"), exit_signal_handler=True))
+    monkeypatch.setattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", SimpleNamespace(_signal_received=True), raising=False)
+    hook.after_save(300, model=None)
+    (row,) = Ledger(tmp_path / "ledger.sqlite").results()
+    assert (row["iteration"], row["benchmark"], row["status"]) == (300, "boolq", "skipped")
+    assert "exit signal" in row["error"]

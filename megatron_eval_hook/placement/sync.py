@@ -126,6 +126,15 @@ class SyncPlacement:
             self._open.clear()
             raise
 
+    def skip(self, event: Any, reason: str) -> None:
+        """Record every benchmark of the save at `event.iteration` as skipped, with `reason`."""
+        assert self.suite is not None and self.ledger is not None
+        for prepared in self.suite.benchmarks:
+            self.ledger.record_skipped(
+                self.run, event.iteration, prepared.name, reason, placement=self.name, tokens=event.tokens
+            )
+        logger.info("iteration %d: not evaluated: %s", event.iteration, reason)
+
     def _close(self, prepared: Any, outcome: list[MetricValue] | Exception, seconds: float) -> None:
         assert self.ledger is not None
         evaluation_id = self._open.pop(prepared.name)
