@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,11 +15,10 @@ cpu_shims.apply()
 
 import torch  # noqa: E402
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt2"
+sys.path.insert(0, str(EXAMPLES))  # the demo's data generator and CPU command lines
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from cpu_run import free_port  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -100,13 +98,9 @@ def gpt(megatron_world, char_tokenizer):
     return tiny_gpt(char_tokenizer.vocab_size, max_sequence_length=1024)
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt2"
-
-
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """The demo's generated data (corpus, tokenizer, .bin/.idx, HELM files), made once per session."""
-    sys.path.insert(0, str(EXAMPLES))
     from demo_data import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo-data"))

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES
+from cpu_run import CPU_ARGS, PRETRAIN_GPT2, torchrun_command
 from wandb_offline import read_run, run_files, series
 
 from megatron_eval_hook.ledger import Ledger
-
-sys.path.insert(0, str(EXAMPLES))
-from cpu_run import CPU_ARGS, PRETRAIN_GPT2, torchrun_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -45,13 +45,12 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import random
 import re
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -849,7 +848,12 @@ def write_hellaswag(hellaswag_dir: Path, splits: dict[str, Sequence[dict[str, An
 
 
 def write_helm_data(helm_dir: Path, facts: Sequence[Fact], accords: Sequence[Accord], seed: int) -> None:
-    """All HELM scenario files. Each MMLU subject: 5 dev, 15 val and 45 test questions (40 for demo_facts)."""
+    """All HELM scenario files.
+
+    mmlu: 5 dev, 15 val and 45 test questions per subject (40 test for demo_facts); boolq: 20 train and 70 dev
+    items (6 with a contrast question); narrativeqa: 20 train, 20 valid and 45 test stories with 3 questions
+    each; hellaswag: 12 train and 60 val rows.
+    """
     rng = random.Random(f"{seed}:helm")
     mmlu_dir = helm_dir / "mmlu"
     for subject, make in subject_generators(accords).items():
@@ -891,7 +895,10 @@ def make_corpus(facts: Sequence[Fact], accords: Sequence[Accord], seed: int) -> 
     leak = re.compile(r"\b(" + "|".join(values) + r")\b")
     for doc in other_docs:
         if match := leak.search(doc):
-            raise AssertionError(f"fact word {match.group()!r} used outside the facts documents: {doc[:80]!r}")
+            raise RuntimeError(
+                f"the fact word {match.group()!r} is used outside the facts documents, in {doc[:80]!r}: "
+                "use other words there, so that every fact value keeps the same frequency"
+            )
     documents = fact_docs + other_docs
     rng.shuffle(documents)
     return documents
@@ -946,16 +953,6 @@ def write_gpt2_dir(root: Path) -> Path:
     return gpt2_dir
 
 
-@contextlib.contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def load_megatron_tokenizer(vocab_file: Path, merge_file: Path, gpt2_parent: Path) -> Any:
     """Megatron's tokenizer for ``--tokenizer-type GPT2BPETokenizer --vocab-file --merge-file``.
 
@@ -976,7 +973,7 @@ def load_megatron_tokenizer(vocab_file: Path, merge_file: Path, gpt2_parent: Pat
         metadata_path=None,
         pad_vocab_size=False,
     )
-    with working_directory(gpt2_parent):
+    with contextlib.chdir(gpt2_parent):
         return build_tokenizer(args)
 
 
