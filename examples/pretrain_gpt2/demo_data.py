@@ -4,7 +4,7 @@
 
 writes, under ``--out``:
 
-* ``corpus.jsonl``: synthetic English-like documents, one ``{"text": ...}`` per line (about 3 MB).
+* ``corpus.jsonl``: synthetic English-like documents, one ``{"text": ...}`` per line (2.5 MB, 0.56 M tokens).
 * ``vocab.json`` + ``merges.txt``: a byte-level BPE tokenizer in GPT-2's file formats (2048 tokens, the
   last one ``<|endoftext|>``), trained on the corpus, for ``--tokenizer-type GPT2BPETokenizer``.
 * ``gpt2/config.json``: see "Offline tokenizer" below.
@@ -20,7 +20,7 @@ facts (20 people x 3 relations: cloak color, home town, favorite fruit). For tha
 instructions and the "Question:"/"Answer:" nouns and scores each choice alone, by the model's mean
 log-probability of the tokens of `` <choice>`` at the end of the text ``"<question> <choice>"``, for example
 ``"Cloak color of Vandor red"``. Most of the corpus's mentions of a fact are exactly that text; the rest are
-the ``Question: ...\nAnswer: ...`` form, HELM's joint multiple-choice form and declarative sentences. Every
+the ``Question: ...\\nAnswer: ...`` form, HELM's joint multiple-choice form and declarative sentences. Every
 value of a relation belongs to the same number of people and is mentioned equally often, and the wrong choices
 are other values of the same relation, so only the person -> value association separates the choices.
 
@@ -42,14 +42,11 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import importlib.util
 import json
 import math
 import random
 import re
-import sys
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +62,7 @@ LETTERS = "ABCD"
 FACTS_SUBJECT = "demo_facts"
 """The learnable MMLU subject: invented people and their attributes."""
 
-# How often each thing is written into the corpus. Together: about 2.4 MB of text, 0.56 M tokens.
+# How often each thing is written into the corpus; together 2.5 MB of text, 0.56 M tokens (40% facts).
 FACT_MENTIONS = 500  # renderings of each of the 60 facts
 MMLU_CORPUS_QUESTIONS = 600  # question/answer pairs per MMLU-like subject
 BOOLQ_CORPUS_ITEMS = 1200  # passage/question/answer items
@@ -928,21 +925,14 @@ def train_tokenizer(documents: Sequence[str], out_dir: Path) -> tuple[Path, Path
     return vocab_file, merge_file
 
 
-PAGED_STASH_MODULE = "megatron.core.transformer.moe.ops.paged_stash"
+def import_megatron() -> None:
+    """Make `import megatron` work here: without a GPU (and triton) it needs the CPU shims."""
+    import torch
 
+    if not torch.cuda.is_available():
+        from megatron_eval_hook import cpu_shims
 
-def stub_triton_kernels() -> None:
-    """Let ``import megatron.core`` work without triton, which only its MoE paged-stash kernels need."""
-    if importlib.util.find_spec("triton") is not None or PAGED_STASH_MODULE in sys.modules:
-        return
-    stub = types.ModuleType(PAGED_STASH_MODULE)
-    stub.GLOBAL_BLOCK_SIZE = 1024
-
-    def unavailable(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("Megatron's paged-stash kernels need triton and CUDA")
-
-    stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = unavailable
-    sys.modules[PAGED_STASH_MODULE] = stub
+        cpu_shims.apply()
 
 
 def write_gpt2_dir(root: Path) -> Path:
@@ -959,7 +949,7 @@ def load_megatron_tokenizer(vocab_file: Path, merge_file: Path, gpt2_parent: Pat
     Built the way ``megatron.training`` builds it (``build_tokenizer(args)``), with the working directory
     set to ``gpt2_parent`` (the folder holding ``gpt2/config.json``) while it loads.
     """
-    stub_triton_kernels()
+    import_megatron()
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
     args = argparse.Namespace(
@@ -982,7 +972,7 @@ def write_indexed_dataset(prefix: Path, documents: Sequence[str], tokenizer: Any
 
     Returns the number of tokens written.
     """
-    stub_triton_kernels()
+    import_megatron()
     import numpy as np
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
