@@ -121,8 +121,8 @@ def report(out: Path, iterations: int, save_interval: int, min_rise: float) -> i
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo")
-    parser.add_argument("--iterations", type=int, default=400)
-    parser.add_argument("--save-interval", type=int, default=100)
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--save-interval", type=int, default=25)
     parser.add_argument("--min-rise", type=float, default=0.3)
     args = parser.parse_args()
     out = args.out.resolve()
