@@ -36,6 +36,7 @@ def train(
     hook: list[str] | None = None,
     script: Path = PRETRAIN_GPT2,
     launcher: bool = False,
+    megatron_wandb: bool = True,
     timeout: int = 600,
 ) -> subprocess.CompletedProcess:
     """Run a tiny pretraining; `hook` are --eval-hook-override values (None: no hook)."""
@@ -44,8 +45,9 @@ def train(
         "--train-iters", str(iterations), "--save-interval", str(save_interval), "--save", str(tmp / "checkpoints"),
         "--vocab-file", str(data.vocab_file), "--merge-file", str(data.merge_file),
         "--data-path", str(data.data_prefix), "--tensorboard-dir", str(tmp / "tensorboard"),
-        "--wandb-project", "tests", "--wandb-exp-name", "run", "--wandb-save-dir", str(tmp),
     ]  # fmt: skip
+    if megatron_wandb:
+        args += ["--wandb-project", "tests", "--wandb-exp-name", "run", "--wandb-save-dir", str(tmp)]
     if hook is not None:
         args += ["--eval-hook-config", str(REPO / "conf" / "helm.yaml")]
         for override in [f"data_dir={data.helm_dir}", f"output_dir={tmp / 'eval'}", "max_eval_instances=2", *hook]:
@@ -171,3 +173,13 @@ def test_the_launcher_installs_the_hook_in_an_unmodified_script(demo_data, tmp_p
     rows = Ledger(tmp_path / "eval" / "ledger.sqlite").results()
     assert [(r["iteration"], r["status"]) for r in rows] == [(2, "ok")]
     assert "[eval-hook] installed" in result.stdout
+
+
+def test_without_a_megatron_wandb_run_the_scores_go_to_a_run_of_the_hooks_own(demo_data, tmp_path):
+    ok(train(tmp_path, demo_data, iterations=4, save_interval=2, hook=["benchmarks=[boolq]"], megatron_wandb=False))
+    (path,) = run_files(tmp_path / "eval")  # wandb.dir defaults to the hook's output_dir
+    run = read_run(path)
+    assert run["exited"]  # finished when the training process ended
+    scores = series(run, "eval/boolq/quasi_exact_match", x="eval/iteration")
+    assert [iteration for iteration, _ in scores] == [2, 4]
+    assert series(run, "eval/boolq/quasi_exact_match") == scores  # its own steps are the iterations

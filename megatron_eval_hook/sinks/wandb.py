@@ -8,6 +8,7 @@ result logged after training has moved on still lands at its own iteration.
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,8 @@ class WandbSink:
     def _attach(self) -> Any:
         import wandb
 
-        if self._run is not None and wandb.run is self._run:
-            return self._run
+        if self._run is not None and (self._own_run or wandb.run is self._run):
+            return self._run  # Megatron's run counts only while it is still the active one
         if wandb.run is not None:
             self._run, self._own_run = wandb.run, False
         else:
@@ -49,6 +50,7 @@ class WandbSink:
                 reinit="create_new",
             )
             self._own_run = True
+            atexit.register(self.close)  # Megatron tells plugins nothing when training ends
         self._run.define_metric(STEP_KEY)
         self._run.define_metric("eval/*", step_metric=STEP_KEY)
         logger.info("eval scores go to W&B run %s (%s)", self._run.name, "own" if self._own_run else "Megatron's")
