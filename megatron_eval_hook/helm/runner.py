@@ -148,6 +148,7 @@ def _mean_over_runs(per_run: list[dict[tuple[str, str], MetricValue]]) -> list[M
     return merged
 
 
+# (benchmark, its metrics or the error that stopped it, seconds taken)
 BenchmarkOutcome = tuple[PreparedBenchmark, list[MetricValue] | Exception, float]
 
 
@@ -231,9 +232,7 @@ class HelmSuite:
             if not link.exists():
                 link.symlink_to(source, target_is_directory=True)
 
-    def evaluate(
-        self, model, iteration: int
-    ) -> Iterator[tuple[PreparedBenchmark, list[MetricValue] | Exception, float]]:
+    def evaluate(self, model, iteration: int) -> Iterator[BenchmarkOutcome]:
         """For each benchmark: (benchmark, its metrics or the error, seconds taken) at `iteration`."""
         from helm.benchmark.runner import set_benchmark_output_path
 
