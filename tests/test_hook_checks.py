@@ -62,3 +62,30 @@ def test_a_save_made_because_of_the_exit_signal_is_skipped_with_the_reason(tmp_p
     (row,) = Ledger(tmp_path / "ledger.sqlite").results()
     assert (row["iteration"], row["benchmark"], row["status"]) == (300, "boolq", "skipped")
     assert "exit signal" in row["error"]
+
+
+def test_training_state_comes_back_after_an_evaluation_that_used_every_rng(gpt):
+    import random
+
+    import numpy as np
+    import torch
+
+    from megatron_eval_hook.hook import preserved_training_state
+
+    def seed_everything():
+        random.seed(1)
+        np.random.seed(1)
+        torch.manual_seed(1)
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    gpt.train()
+    seed_everything()
+    with preserved_training_state([gpt]):
+        gpt.eval()
+        draws()  # HELM seeds and draws from Python's and NumPy's generators while it runs
+    after_evaluation = draws()
+    seed_everything()
+    assert after_evaluation == draws()
+    assert gpt.training
