@@ -16,6 +16,7 @@ import functools
 import logging
 import random
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,7 +28,7 @@ import torch
 
 from megatron_eval_hook.config import ConfigError, EvalHookConfig, load_config
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
-from megatron_eval_hook.ledger import Ledger, Stopwatch
+from megatron_eval_hook.ledger import Ledger
 from megatron_eval_hook.placement.sync import SyncPlacement
 
 logger = logging.getLogger("megatron_eval_hook")
@@ -199,7 +200,7 @@ class EvalHook:
                 "evaluating now could outlast the grace period",
             )
             return
-        watch = Stopwatch()
+        started = time.perf_counter()
         try:
             if self.is_evaluating_rank:
                 with preserved_training_state(model):
@@ -209,7 +210,7 @@ class EvalHook:
         finally:
             self._wait_for_evaluating_rank()
         if self.is_evaluating_rank:
-            self.placement.publish(event, blocked_s=watch.elapsed())
+            self.placement.publish(event, blocked_s=time.perf_counter() - started)
 
     def _exiting_on_signal(self) -> bool:
         """Whether Megatron's exit-signal handler (--exit-signal-handler) caught its signal here."""

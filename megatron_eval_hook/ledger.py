@@ -12,7 +12,6 @@ process that dies mid-evaluation leaves a trace; the next `Ledger.close_interrup
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -189,13 +188,3 @@ class Ledger:
             for r in rows
             if r["status"] != "ok" or r["metric"] is not None
         ]
-
-
-class Stopwatch:
-    """Seconds since construction, from a monotonic clock."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start

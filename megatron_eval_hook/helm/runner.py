@@ -15,13 +15,14 @@ import difflib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
 from megatron_eval_hook.helm.benchmarks import Benchmark
-from megatron_eval_hook.ledger import MetricValue, Stopwatch
+from megatron_eval_hook.ledger import MetricValue
 
 MODEL_ORG = "megatron_eval_hook"
 
@@ -239,12 +240,12 @@ class HelmSuite:
         set_benchmark_output_path(str(self.helm_dir))
         runner = _batching_runner(model, self.helm_dir, suite=f"iter_{iteration:07d}")
         for prepared in self.benchmarks:
-            watch = Stopwatch()
+            started = time.perf_counter()
             try:
                 per_run = [self._run(runner, spec, prepared) for spec in prepared.run_specs]
-                yield prepared, _mean_over_runs(per_run), watch.elapsed()
+                yield prepared, _mean_over_runs(per_run), time.perf_counter() - started
             except Exception as error:  # one benchmark failing must not stop the others
-                yield prepared, error, watch.elapsed()
+                yield prepared, error, time.perf_counter() - started
 
     def _run(self, runner, spec, prepared: PreparedBenchmark) -> dict[tuple[str, str], MetricValue]:
         runner.run_one(spec)
