@@ -60,6 +60,13 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard sink: Megatron's own writer (--tensorboard-dir), when the run has one."""
+
+    enabled: bool = True
+
+
+@dataclass
 class EvalHookConfig:
     """Everything the hook reads. Relative paths are relative to the working directory."""
 
@@ -76,6 +83,7 @@ class EvalHookConfig:
     ledger: str | None = None  # null = <output_dir>/ledger.sqlite
     engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -137,6 +137,17 @@ def test_scores_are_in_the_training_runs_wandb_against_the_iteration(hooked):
     assert run["metrics"].get("eval/*") == "eval/iteration"
 
 
+def test_scores_are_in_megatrons_tensorboard_events_at_the_iteration(hooked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, _ = hooked
+    events = EventAccumulator(str(tmp / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "lm loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("eval/facts/exact_match")] == [3, 6, 7]
+    assert [e.step for e in events.Scalars("eval/blocked_s")] == [3, 6, 7]
+
+
 def test_training_with_the_hook_is_bit_identical_to_training_without(hooked, demo_data, tmp_path):
     tmp, _ = hooked
     plain = tmp_path / "plain"

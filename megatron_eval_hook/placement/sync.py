@@ -17,6 +17,7 @@ from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.helm.runner import BenchmarkError, HelmSuite
 from megatron_eval_hook.ledger import Ledger, MetricValue
+from megatron_eval_hook.sinks.tensorboard import TensorBoardSink
 from megatron_eval_hook.sinks.wandb import WandbSink
 
 logger = logging.getLogger("megatron_eval_hook")
@@ -53,7 +54,7 @@ class SyncPlacement:
         self.max_sequence_length = max_sequence_length
         self.model_key = re.sub(r"[^A-Za-z0-9_.-]", "_", run)
         self.suite: HelmSuite | None = None
-        self.sink: WandbSink | None = None
+        self.sinks: list[WandbSink | TensorBoardSink] = []
         self._open: dict[str, int] = {}  # benchmark -> ledger id of its attempt still running
         self._ids: list[int] = []  # ledger ids of the latest evaluation
         self._scores: dict[str, float] = {}  # W&B key -> value of the latest evaluation
@@ -77,12 +78,16 @@ class SyncPlacement:
         if closed:
             logger.info("ledger: %d evaluation(s) of run %r were interrupted earlier; marked failed", closed, run)
         if config.wandb.enabled:
-            self.sink = WandbSink(
-                config.wandb,
-                run_name=run,
-                default_dir=output_dir,
-                default_project=getattr(megatron_args, "wandb_project", None),
+            self.sinks.append(
+                WandbSink(
+                    config.wandb,
+                    run_name=run,
+                    default_dir=output_dir,
+                    default_project=getattr(megatron_args, "wandb_project", None),
+                )
             )
+        if config.tensorboard.enabled:
+            self.sinks.append(TensorBoardSink())
 
     def evaluate(self, event: Any, model: Any) -> None:
         """Evaluate the weights of `model` (Megatron's model chunks) saved at `event.iteration`."""
@@ -164,10 +169,9 @@ class SyncPlacement:
             self._duration_s,
             blocked_s,
         )
-        if self.sink is not None:
+        values = {**self._scores, "eval/duration_s": self._duration_s, "eval/blocked_s": blocked_s}
+        for sink in self.sinks:
             try:
-                self.sink.log(
-                    event.iteration, {**self._scores, "eval/duration_s": self._duration_s, "eval/blocked_s": blocked_s}
-                )
+                sink.log(event.iteration, values)
             except Exception:  # a sink failure loses nothing: the ledger already holds the scores
-                logger.exception("W&B logging failed at iteration %d", event.iteration)
+                logger.exception("%s failed at iteration %d", type(sink).__name__, event.iteration)
