@@ -189,7 +189,9 @@ class EvalHook:
         """Called on every rank after Megatron saved `iteration`. Never raises into training
         (but for KeyboardInterrupt/SystemExit)."""
         event = SaveEvent(iteration, self._is_final(iteration), self._tokens())
-        if non_persistent or iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
+        if non_persistent or getattr(self.args, "ckpt_convert_format", None):
+            return  # not a training checkpoint: a non-persistent save, or a format-conversion job
+        if iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
             return
         self._evaluated.add(iteration)
         if self.is_evaluating_rank and self._exiting_on_signal():
