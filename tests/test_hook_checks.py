@@ -49,14 +49,31 @@ def test_a_schedule_starting_after_the_last_iteration_is_refused():
         EvalHook(config, megatron_args())
 
 
+def hook_on_demo_data(tmp_path, demo_data, **changes) -> EvalHook:
+    config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), output_dir=str(tmp_path))
+    config.wandb.enabled = False
+    return EvalHook(config, megatron_args(save=str(tmp_path / "run"), **changes))
+
+
+@pytest.mark.parametrize(
+    "changes, non_persistent",
+    [({}, True), ({"ckpt_convert_format": "torch_dist"}, False)],
+    ids=["non-persistent save", "format conversion"],
+)
+def test_saves_that_are_not_training_checkpoints_are_not_evaluated(tmp_path, demo_data, changes, non_persistent):
+    from megatron_eval_hook.ledger import Ledger
+
+    hook = hook_on_demo_data(tmp_path, demo_data, **changes)
+    hook.after_save(200, model=None, non_persistent=non_persistent)  # would fail on model=None if evaluated
+    assert Ledger(tmp_path / "ledger.sqlite").results() == []
+
+
 def test_a_save_made_because_of_the_exit_signal_is_skipped_with_the_reason(tmp_path, demo_data, monkeypatch):
     from megatron.training import global_vars
 
     from megatron_eval_hook.ledger import Ledger
 
-    config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), output_dir=str(tmp_path))
-    config.wandb.enabled = False
-    hook = EvalHook(config, megatron_args(save=str(tmp_path / "run"), exit_signal_handler=True))
+    hook = hook_on_demo_data(tmp_path, demo_data, exit_signal_handler=True)
     monkeypatch.setattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", SimpleNamespace(_signal_received=True), raising=False)
     hook.after_save(300, model=None)
     (row,) = Ledger(tmp_path / "ledger.sqlite").results()
