@@ -1,14 +1,17 @@
-"""Megatron GPT-2 → Hugging Face `GPT2LMHeadModel`, in memory.
+"""Megatron GPT-2 → Hugging Face `GPT2LMHeadModel`, from a live model or a checkpoint folder.
 
 For models of the GPT-2 architecture that `examples/pretrain_gpt2` trains: learned absolute
-positions, LayerNorm, GELU MLP, biases, full multi-head attention, one tensor- and pipeline-
-parallel rank. Works with Megatron's local and Transformer Engine layer specs (the latter fuse
-the layer norms into the following linear layer). The exported model computes the same
+positions, LayerNorm, GELU MLP, biases, full multi-head attention. Works with Megatron's local
+and Transformer Engine layer specs (the latter fuse the layer norms into the next linear
+layer), and with torch_dist checkpoints of any tensor/pipeline-parallel layout (PyTorch's
+distributed checkpoint reader assembles the full tensors). The exported model computes the same
 log-probabilities, which lets HELM's own Hugging Face client check this project's engine.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,18 +21,65 @@ class NotGPT2(ValueError):
     """The Megatron model is not of the GPT-2 architecture; the message says which part differs."""
 
 
-def _check_gpt2(gpt: Any) -> None:
-    config = gpt.config
+@dataclass(frozen=True)
+class Architecture:
+    """What the weights alone do not tell about a Megatron GPT-2."""
+
+    num_layers: int
+    num_attention_heads: int
+    layernorm_epsilon: float
+    tanh_gelu: bool  # Megatron's fused bias-GELU kernel is the tanh approximation, its plain path exact erf
+    tied_embeddings: bool
+
+    @classmethod
+    def of_model(cls, gpt: Any) -> Architecture:
+        config = gpt.config
+        _refuse_if(
+            position_embeddings=getattr(gpt, "position_embedding_type", "learned_absolute"),
+            normalization=config.normalization,
+            gated=config.gated_linear_unit or config.activation_func is not torch.nn.functional.gelu,
+            grouped_queries=config.num_query_groups not in (None, config.num_attention_heads),
+            biases=config.add_bias_linear,
+        )
+        return cls(
+            config.num_layers,
+            config.num_attention_heads,
+            config.layernorm_epsilon,
+            bool(config.bias_activation_fusion),
+            bool(gpt.share_embeddings_and_output_weights),
+        )
+
+    @classmethod
+    def of_args(cls, args: Any) -> Architecture:
+        """From the Megatron arguments stored in a checkpoint."""
+        _refuse_if(
+            position_embeddings=args.position_embedding_type,
+            normalization=args.normalization,
+            gated=bool(args.swiglu or getattr(args, "squared_relu", False)),
+            grouped_queries=bool(args.group_query_attention)
+            and args.num_query_groups not in (None, args.num_attention_heads),
+            biases=args.add_bias_linear,
+        )
+        return cls(
+            args.num_layers,
+            args.num_attention_heads,
+            args.layernorm_epsilon,
+            bool(args.bias_gelu_fusion),
+            not args.untie_embeddings_and_output_weights,
+        )
+
+
+def _refuse_if(*, position_embeddings: str, normalization: str, gated: bool, grouped_queries: bool, biases: bool):
     problems = []
-    if getattr(gpt, "position_embedding_type", "learned_absolute") != "learned_absolute":
-        problems.append(f"position embeddings are {gpt.position_embedding_type!r}, not learned_absolute")
-    if config.normalization != "LayerNorm":
-        problems.append(f"normalization is {config.normalization}, not LayerNorm")
-    if config.gated_linear_unit or config.activation_func is not torch.nn.functional.gelu:
+    if position_embeddings != "learned_absolute":
+        problems.append(f"position embeddings are {position_embeddings!r}, not learned_absolute")
+    if normalization != "LayerNorm":
+        problems.append(f"normalization is {normalization}, not LayerNorm")
+    if gated:
         problems.append("the MLP is not a plain GELU MLP")
-    if config.num_query_groups not in (None, config.num_attention_heads):
+    if grouped_queries:
         problems.append("attention uses grouped queries")
-    if not config.add_bias_linear:
+    if not biases:
         problems.append("linear layers have no biases")
     if problems:
         raise NotGPT2("not a GPT-2 model: " + "; ".join(problems))
@@ -37,22 +87,54 @@ def _check_gpt2(gpt: Any) -> None:
 
 def _qkv_to_hf(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     """Megatron's fused QKV rows are ordered (head, q|k|v, channel); GPT-2's are (q|k|v, head, channel)."""
-    rest = tensor.shape[1:]
-    grouped = tensor.reshape(heads, 3, tensor.shape[0] // (3 * heads), *rest)
+    grouped = tensor.reshape(heads, 3, tensor.shape[0] // (3 * heads), *tensor.shape[1:])
     return grouped.transpose(0, 1).reshape(tensor.shape)
 
 
 def to_hf_gpt2(gpt: Any, *, vocab_size: int, end_of_text: int | None = None) -> Any:
-    """A `transformers.GPT2LMHeadModel` (fp32, eval mode) holding the weights of Megatron `gpt`.
+    """A `transformers.GPT2LMHeadModel` (fp32, eval mode) holding the weights of the live Megatron `gpt`.
 
     `vocab_size` is the tokenizer's vocabulary: the padded rows of Megatron's embedding are
     dropped, so neither model can predict them.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    _check_gpt2(gpt)
-    config = gpt.config
     weights = {k: v.detach().float().cpu() for k, v in gpt.state_dict().items() if "_extra_state" not in k}
+    return _hf_gpt2(weights, Architecture.of_model(gpt), vocab_size, end_of_text)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """The full model tensors (per-layer names, as in a live model's state_dict) and the Megatron
+    arguments of a torch_dist checkpoint: a save folder (its latest iteration) or an `iter_*` folder."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(path)
+    tracker = folder / "latest_checkpointed_iteration.txt"
+    if tracker.is_file():
+        folder = folder / f"iter_{int(tracker.read_text().strip()):07d}"
+    if not (folder / ".metadata").is_file():
+        raise FileNotFoundError(f"{folder} is not a torch_dist checkpoint (no .metadata file)")
+    args = load_common_state_dict(str(folder))["args"]
+    reader = dcp.FileSystemReader(str(folder))
+    stored = reader.read_metadata().state_dict_metadata
+    tensors = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in stored.items()
+        if isinstance(meta, TensorStorageMetadata) and key.split(".")[0] in ("embedding", "decoder", "output_layer")
+    }
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    weights = {}
+    for key, tensor in tensors.items():
+        if key.startswith("decoder.layers."):  # stored stacked over layers: [num_layers, ...]
+            for layer, part in enumerate(tensor):
+                weights[key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)] = part.float()
+        else:
+            weights[key] = tensor.float()
+    return weights, args
+
+
+def _hf_gpt2(weights: dict[str, torch.Tensor], arch: Architecture, vocab_size: int, end_of_text: int | None) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     def first(*names: str) -> torch.Tensor:
         for name in names:
@@ -60,22 +142,21 @@ def to_hf_gpt2(gpt: Any, *, vocab_size: int, end_of_text: int | None = None) -> 
                 return weights[name]
         raise NotGPT2(f"the model has none of the parameters {names}")
 
-    heads, width = config.num_attention_heads, config.hidden_size
-    # Megatron's fused bias-GELU kernel is the tanh approximation, its plain path the exact erf.
-    activation = "gelu_new" if config.bias_activation_fusion else "gelu"
+    heads = arch.num_attention_heads
+    fc1 = weights["decoder.layers.0.mlp.linear_fc1.weight"]
     hf_config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=weights["embedding.position_embeddings.weight"].shape[0],
-        n_embd=width,
-        n_layer=config.num_layers,
+        n_embd=fc1.shape[1],
+        n_layer=arch.num_layers,
         n_head=heads,
-        n_inner=config.ffn_hidden_size,
-        activation_function=activation,
-        layer_norm_epsilon=config.layernorm_epsilon,
+        n_inner=fc1.shape[0],
+        activation_function="gelu_new" if arch.tanh_gelu else "gelu",
+        layer_norm_epsilon=arch.layernorm_epsilon,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        tie_word_embeddings=gpt.share_embeddings_and_output_weights,
+        tie_word_embeddings=arch.tied_embeddings,
         bos_token_id=end_of_text,
         eos_token_id=end_of_text,
     )
@@ -85,9 +166,9 @@ def to_hf_gpt2(gpt: Any, *, vocab_size: int, end_of_text: int | None = None) -> 
         "transformer.ln_f.weight": weights["decoder.final_layernorm.weight"],
         "transformer.ln_f.bias": weights["decoder.final_layernorm.bias"],
     }
-    if not gpt.share_embeddings_and_output_weights:
+    if not arch.tied_embeddings:
         state["lm_head.weight"] = weights["output_layer.weight"][:vocab_size]
-    for i in range(config.num_layers):
+    for i in range(arch.num_layers):
         m, h = f"decoder.layers.{i}.", f"transformer.h.{i}."
         norm1 = (m + "input_layernorm.", m + "self_attention.linear_qkv.layer_norm_")
         norm2 = (m + "pre_mlp_layernorm.", m + "mlp.linear_fc1.layer_norm_")
@@ -112,3 +193,39 @@ def to_hf_gpt2(gpt: Any, *, vocab_size: int, end_of_text: int | None = None) -> 
     if missing or unexpected:
         raise NotGPT2(f"weights do not map onto GPT-2: missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+def gpt2_tokenizer(vocab_file: str | Path, merge_file: str | Path, end_of_text: str = "<|endoftext|>") -> Any:
+    """A Hugging Face fast tokenizer from GPT-2-format `vocab.json` and `merges.txt` files."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer(str(vocab_file), str(merge_file))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=end_of_text, eos_token=end_of_text, unk_token=end_of_text
+    )
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    vocab_file: str | Path | None = None,
+    merge_file: str | Path | None = None,
+) -> Path:
+    """Write a Hugging Face GPT-2 folder (model and tokenizer) for a torch_dist checkpoint.
+
+    The tokenizer files default to the checkpoint's `--vocab-file`/`--merge-file`."""
+    weights, args = read_checkpoint(checkpoint)
+    vocab_file, merge_file = vocab_file or args.vocab_file, merge_file or args.merge_file
+    for name, value in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+        if not value or not Path(value).is_file():
+            raise FileNotFoundError(
+                f"tokenizer file {value!r} ({name} of the checkpoint) not found; pass it with {name}"
+            )
+    tokenizer = gpt2_tokenizer(vocab_file, merge_file)
+    model = _hf_gpt2(weights, Architecture.of_args(args), len(tokenizer), tokenizer.eos_token_id)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -194,3 +194,28 @@ def test_without_a_megatron_wandb_run_the_scores_go_to_a_run_of_the_hooks_own(de
     scores = series(run, "eval/boolq/quasi_exact_match", x="eval/iteration")
     assert [iteration for iteration, _ in scores] == [2, 4]
     assert series(run, "eval/boolq/quasi_exact_match") == scores  # its own steps are the iterations
+
+
+def test_an_exported_checkpoint_scores_prompts_as_the_hook_did(hooked, tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from megatron_eval_hook.cli import main
+
+    tmp, _ = hooked
+    assert main(["export-hf", "--checkpoint", str(tmp / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    (state_file,) = (tmp / "eval" / "helm" / "runs" / "iter_0000007").glob(
+        "mmlu:subject=demo_facts*/scenario_state.json"
+    )
+    for state in json.loads(state_file.read_text())["request_states"][:8]:
+        prompt, hook_tokens = state["request"]["prompt"], state["result"]["completions"][0]["tokens"]
+        ids = tokenizer(prompt)["input_ids"]
+        assert len(ids) == len(hook_tokens)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        exported = [0.0] + [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+        assert torch.allclose(torch.tensor(exported), torch.tensor([t["logprob"] for t in hook_tokens]), atol=1e-4)
