@@ -188,30 +188,31 @@ class EvalHook:
     def after_save(self, iteration: int, model: Any, non_persistent: bool = False) -> None:
         """Called on every rank after Megatron saved `iteration`. Never raises into training
         (but for KeyboardInterrupt/SystemExit)."""
-        event = SaveEvent(iteration, self._is_final(iteration), self._tokens())
         if non_persistent or getattr(self.args, "ckpt_convert_format", None):
             return  # not a training checkpoint: a non-persistent save, or a format-conversion job
+        event = SaveEvent(iteration, self._is_final(iteration), self._tokens())
         if iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
             return
         self._evaluated.add(iteration)
-        if self.is_evaluating_rank and self._exiting_on_signal():
-            # A preempted job saves and must stop within its grace period: do not spend it here.
-            self.placement.skip(
-                event,
-                "the job received its exit signal (e.g. preemption) and is stopping; "
-                "evaluating now could outlast the grace period",
-            )
-            return
         started = time.perf_counter()
+        evaluated = False
         try:
-            if self.is_evaluating_rank:
+            if self.is_evaluating_rank and self._exiting_on_signal():
+                # A preempted job saves and must stop within its grace period: do not spend it here.
+                self.placement.skip(
+                    event,
+                    "the job received its exit signal (e.g. preemption) and is stopping; "
+                    "evaluating now could outlast the grace period",
+                )
+            elif self.is_evaluating_rank:
+                evaluated = True
                 with preserved_training_state(model):
                     self.placement.evaluate(event, model)
         except Exception:  # an evaluation must never kill training; the placement recorded the failure
             logger.exception("evaluation at iteration %d failed", iteration)
         finally:
-            self._wait_for_evaluating_rank()
-        if self.is_evaluating_rank:
+            self._wait_for_evaluating_rank()  # every rank, whatever the evaluating rank did
+        if evaluated:
             self.placement.publish(event, blocked_s=time.perf_counter() - started)
 
     def _exiting_on_signal(self) -> bool:

@@ -75,7 +75,10 @@ def test_a_save_made_because_of_the_exit_signal_is_skipped_with_the_reason(tmp_p
 
     hook = hook_on_demo_data(tmp_path, demo_data, exit_signal_handler=True)
     monkeypatch.setattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", SimpleNamespace(_signal_received=True), raising=False)
+    barriers = []
+    monkeypatch.setattr(hook, "_wait_for_evaluating_rank", lambda: barriers.append(1))
     hook.after_save(300, model=None)
+    assert barriers == [1]  # the other data-parallel ranks wait in the barrier: it must be joined
     (row,) = Ledger(tmp_path / "ledger.sqlite").results()
     assert (row["iteration"], row["benchmark"], row["status"]) == (300, "boolq", "skipped")
     assert "exit signal" in row["error"]
