@@ -74,7 +74,16 @@ def run_reference(specs, output: Path, data_dir: Path, deployment: str) -> Path:
         (output / "scenarios" / scenario.name).symlink_to(scenario)
     set_benchmark_output_path(str(output))
     spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(output / "prod_env"), parallelism=1)
-    runner = Runner(spec, str(output), "iter_0000001", False, False, False, False, True)
+    runner = Runner(
+        spec,
+        str(output),
+        "iter_0000001",
+        skip_instances=False,
+        cache_instances=False,
+        cache_instances_only=False,
+        skip_completed_runs=False,
+        exit_on_error=True,
+    )  # HELM's plain Runner and Executor: the reference path, no batching
     for run_spec in specs:
         adapter = replace(run_spec.adapter_spec, model=deployment, model_deployment=deployment)
         runner.run_one(replace(run_spec, adapter_spec=adapter))  # same run name, other output folder
