@@ -1,19 +1,40 @@
-"""Batched log-prob scoring and greedy generation on a Megatron `GPTModel`.
+"""Log-prob scoring and greedy generation on a Megatron `GPTModel`, doing as little work as the answers need.
 
 The engine knows token ids only: HELM's text, stop sequences and tokenizer live in `helm/client.py`.
-Requests are sorted by length and run in batches of `batch_size` right-padded sequences; the
-causal mask makes every real position independent of the padding after it.
+Three savings apply to every model:
+
+- identical requests are computed once;
+- the output layer (hidden x vocabulary, the largest matmul of a small model) runs only at the
+  positions whose log-probability or next token is used, through `GPTModel`'s `output_processor`;
+- batches are grouped by length.
+
+Two more need the positions to be learned absolute embeddings (GPT-2 style: a token's position
+is an input, not its index in the batch) and use the engine's own attention kernel in place of
+the model's core attention for the duration of a call (`FastAttention`):
+
+- scoring packs the requests of a batch into a prefix tree: a multiple-choice question shared by
+  its four answers is computed once, each token attending only to its own ancestors;
+- generation keeps a key/value cache, so each new token costs one position, not the whole prefix.
+
+Models with other position encodings (rotary) take the plain path: every request recomputed in
+full, with Megatron's own attention. Both paths give the same numbers up to float rounding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # finish reasons, as HELM's clients report them
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
+
+# Scoring packs requests into rows of at least this many tokens (more when one request is longer).
+ROW_TOKENS = 512
 
 
 class RequestTooLong(ValueError):
@@ -42,11 +63,125 @@ class GenerationRequest:
     is_done: Callable[[list[int]], bool] | None = None
 
 
+def fast_path_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the prefix-tree and key/value-cache paths cannot run on `model`; None when they can."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    config = model.config
+    if getattr(model, "position_embedding_type", None) != "learned_absolute":
+        return f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r}"
+    for name, unsupported in (
+        ("multi_latent_attention", bool(getattr(config, "multi_latent_attention", False))),
+        ("softmax_type", getattr(config, "softmax_type", "vanilla") != "vanilla"),
+        ("window_size", getattr(config, "window_size", None) is not None),
+        ("tensor_model_parallel_size", config.tensor_model_parallel_size > 1),
+        ("context_parallel_size", config.context_parallel_size > 1),
+    ):
+        if unsupported:
+            return f"{name}={getattr(config, name)!r}"
+    if not any(isinstance(m, SelfAttention) for m in model.modules()):
+        return "no self-attention layers"
+    return None
+
+
+class FastAttention(torch.nn.Module):
+    """Core attention with an arbitrary mask and an optional key/value cache.
+
+    Takes Megatron's core-attention arguments: query [sq, b, heads, d], key and value
+    [sk, b, groups, d] (positions already applied), `attention_mask` True where a query must not
+    look. With a cache open, the new keys and values are appended to it and the queries attend
+    to everything cached so far.
+    """
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.keys: torch.Tensor | None = None  # [b, groups, capacity, d]
+        self.values: torch.Tensor | None = None
+        self.capacity = 0
+        self.filled = 0
+
+    def open_cache(self, capacity: int) -> None:
+        self.keys = self.values = None
+        self.capacity, self.filled = capacity, 0
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop cached batch rows other than `rows`."""
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, rows)
+            self.values = self.values.index_select(0, rows)
+
+    def close_cache(self) -> None:
+        self.keys = self.values = None
+        self.capacity = self.filled = 0
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
+        if attention_bias is not None:
+            raise ValueError("attention bias is not supported by the evaluation engine's attention")
+        sq, batch, heads, dim = query.shape
+        key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, groups, sk, d]
+        if self.capacity:
+            if self.keys is None:
+                shape = (batch, key.shape[1], self.capacity, dim)
+                self.keys = key.new_empty(shape)
+                self.values = value.new_empty(shape)
+            end = self.filled + key.shape[2]
+            self.keys[:, :, self.filled : end] = key
+            self.values[:, :, self.filled : end] = value
+            self.filled = end
+            key, value = self.keys[:, :, :end], self.values[:, :, :end]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3),
+            key,
+            value,
+            attn_mask=~attention_mask,
+            scale=self.scale,
+            enable_gqa=key.shape[1] != heads,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)
+
+
+@dataclass
+class _PackedRow:
+    """Requests sharing one row of a scoring batch, as a prefix tree of token positions."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # node index, -1 for a root
+    depths: list[int] = field(default_factory=list)  # position id
+    paths: dict[int, list[int]] = field(default_factory=dict)  # request index -> its nodes
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1 if parent >= 0 else 0)
+        return len(self.tokens) - 1
+
+    def visible(self) -> np.ndarray:
+        """[n, n] bool: node i may attend to node j (j is i or an ancestor of i)."""
+        n = len(self.tokens)
+        allowed = np.zeros((n, n), dtype=bool)
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                allowed[i] = allowed[parent]
+            allowed[i, i] = True
+        return allowed
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class Engine:
     """Evaluation forward passes on a (single-rank, TP=PP=1) Megatron `GPTModel`.
 
     `vocab_size` is the tokenizer's vocabulary: the model's padded vocabulary rows beyond it
-    are never predicted. `max_sequence_length` is the context window, in tokens.
+    are never predicted. `max_sequence_length` is the context window, in tokens. `batch_size`
+    is the number of sequences (generation, plain scoring) or packed rows (scoring) per forward
+    pass.
     """
 
     def __init__(
@@ -57,6 +192,7 @@ class Engine:
         max_sequence_length: int,
         batch_size: int,
         end_of_text: int | None = None,
+        fast: bool = True,
     ):
         self.model = model
         self.vocab_size = vocab_size
@@ -64,20 +200,45 @@ class Engine:
         self.batch_size = batch_size
         self.end_of_text = end_of_text
         self.device = next(model.parameters()).device
+        self.plain_reason = fast_path_unsupported(model) if fast else "fast=False"
+
+    # -- forward passes ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Next-token logits over the real vocabulary at every position: [b, s] ids -> [b, s, vocab]."""
-        batch, length = tokens.shape
-        positions = torch.arange(length, device=self.device).unsqueeze(0).expand(batch, length)
-        causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=self.device), diagonal=1)
-        logits = self.model(tokens, positions, causal.view(1, 1, length, length), runtime_gather_output=True)
-        return logits[..., : self.vocab_size]
+    def _forward(self, tokens, positions, masked, rows, columns) -> torch.Tensor:
+        """Logits over the real vocabulary at (rows[i], columns[i]) only: [n] x [n] -> [n, vocab].
 
-    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Indices grouped into batches of similar length, longest first."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        `masked` [b, 1, sq, sk] is True where a query must not attend.
+        """
+
+        def project(*, hidden_states, output_layer, output_weight, scale_logits, **_):
+            picked = hidden_states[columns, rows].unsqueeze(1)  # hidden_states is [s, b, h]
+            logits, _ = output_layer(picked, weight=output_weight, runtime_gather_output=True)
+            return scale_logits(logits)[:, 0, : self.vocab_size].float()
+
+        return self.model(tokens, positions, masked, runtime_gather_output=True, output_processor=project)
+
+    @contextmanager
+    def _fast_attention(self, cache_capacity: int = 0) -> Iterator[list[FastAttention]]:
+        """Swap every layer's core attention for a `FastAttention` for the duration of the block."""
+        from megatron.core.transformer.attention import SelfAttention
+
+        attentions = [m for m in self.model.modules() if isinstance(m, SelfAttention)]
+        originals = [m.core_attention for m in attentions]
+        config = self.model.config
+        scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        swapped = [FastAttention(scale) for _ in attentions]
+        for module, fast in zip(attentions, swapped):
+            fast.open_cache(cache_capacity)
+            module.core_attention = fast
+        try:
+            yield swapped
+        finally:
+            for module, original in zip(attentions, originals):
+                module.core_attention = original
+
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=dtype).to(self.device)
 
     def _padded(self, rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
         batch = torch.zeros(len(rows), width, dtype=torch.long)
@@ -85,30 +246,146 @@ class Engine:
             batch[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return batch.to(self.device)
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(token_i | tokens_<i) for every token of every sequence; the first token gets 0.0."""
+    def _causal(self, length: int) -> torch.Tensor:
+        return torch.triu(torch.ones(length, length, dtype=torch.bool, device=self.device), 1).view(
+            1, 1, length, length
+        )
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def score(self, sequences: Sequence[Sequence[int]], needed_from: Sequence[int] | None = None) -> list[list[float]]:
+        """log p(token_i | tokens_<i) for every token of every sequence; the first token gets 0.0.
+
+        `needed_from[k]`: only tokens at index >= needed_from[k] of sequence k are computed; the
+        others get 0.0 (HELM reads only an answer's own tokens from a multiple-choice request).
+        """
         for sequence in sequences:
             if len(sequence) > self.max_sequence_length:
                 raise RequestTooLong(
                     f"a scoring request of {len(sequence)} tokens exceeds the context window of "
                     f"{self.max_sequence_length} tokens"
                 )
-        results: list[list[float]] = [[] for _ in sequences]
-        for batch in self._batches([len(s) for s in sequences]):
-            width = max(len(sequences[i]) for i in batch)
-            tokens = self._padded([sequences[i] for i in batch], width)
-            logits = self._logits(tokens)[:, :-1]
-            # log_softmax at the next token only: no second [b, s, vocab] tensor
-            picked = logits.gather(-1, tokens[:, 1:, None]).squeeze(-1).float()
-            logprobs = (picked - torch.logsumexp(logits.float(), dim=-1)).cpu()
-            for row, i in enumerate(batch):
-                n = len(sequences[i])
-                results[i] = [0.0] + logprobs[row, : n - 1].tolist() if n else []
+        starts = list(needed_from) if needed_from is not None else [1] * len(sequences)
+        unique: dict[tuple[int, ...], int] = {}  # identical requests: computed once, from the earliest start
+        for sequence, start in zip(sequences, starts):
+            key = tuple(sequence)
+            unique[key] = min(unique.get(key, len(key)), max(start, 1))
+        by_key = {s: [0.0] * len(s) for s in unique}
+        distinct = [s for s in unique if unique[s] < len(s)]  # the others need no forward pass
+        if distinct:
+            wanted = [range(unique[s], len(s)) for s in distinct]
+            run = self._score_packed if self.plain_reason is None else self._score_plain
+            by_key.update(zip(distinct, run(distinct, wanted)))
+        return [list(by_key[tuple(s)]) for s in sequences]
+
+    def _finish_scores(self, sequences, picks, logits) -> list[list[float]]:
+        """Gather log p(target) at the picked logits; `picks` is (sequence, token index, logits row)."""
+        if not picks:
+            return [[0.0] * len(s) for s in sequences]
+        lse = torch.logsumexp(logits, dim=-1)
+        index = self._tensor([p[2] for p in picks])
+        targets = self._tensor([sequences[p[0]][p[1]] for p in picks])
+        values = (logits[index, targets] - lse[index]).cpu().tolist()
+        results = [[0.0] * len(s) for s in sequences]
+        for (k, i, _), value in zip(picks, values):
+            results[k][i] = value
         return results
+
+    def _score_plain(self, sequences, wanted) -> list[list[float]]:
+        results: list[list[float]] = [[] for _ in sequences]
+        order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(sequences[k]) for k in batch)
+            picks, rows, columns = [], [], []
+            for row, k in enumerate(batch):
+                for i in wanted[k]:
+                    picks.append((row, i, len(rows)))
+                    rows.append(row)
+                    columns.append(i - 1)  # the logits before token i predict it
+            logits = (
+                self._forward(
+                    self._padded([sequences[k] for k in batch], width),
+                    self._tensor(range(width)).unsqueeze(0).expand(len(batch), width),
+                    self._causal(width),
+                    self._tensor(rows),
+                    self._tensor(columns),
+                )
+                if rows
+                else None
+            )
+            scores = self._finish_scores([sequences[k] for k in batch], picks, logits)
+            for row, k in enumerate(batch):
+                results[k] = scores[row]
+        return results
+
+    def _pack(self, sequences: Sequence[tuple[int, ...]]) -> list[_PackedRow]:
+        """Rows of at most max(ROW_TOKENS, longest) positions; requests sharing a prefix share its positions.
+
+        In lexicographic order, a request shares the most positions with the one just before it.
+        """
+        width = max(ROW_TOKENS, max(len(s) for s in sequences))
+        rows: list[_PackedRow] = []
+        row, previous, previous_path = None, (), []
+        for k in sorted(range(len(sequences)), key=lambda k: sequences[k]):
+            sequence = sequences[k]
+            shared = _common_prefix(previous, sequence) if row is not None else 0
+            if row is None or len(row.tokens) + len(sequence) - shared > width:
+                row, shared = _PackedRow(), 0
+                rows.append(row)
+            path = previous_path[:shared]
+            for token in sequence[shared:]:
+                path.append(row.add(token, path[-1] if path else -1))
+            row.paths[k] = path
+            previous, previous_path = sequence, path
+        return rows
+
+    def _score_packed(self, sequences, wanted) -> list[list[float]]:
+        results: list[list[float]] = [[] for _ in sequences]
+        rows = sorted(self._pack(sequences), key=lambda r: -len(r.tokens))
+        with self._fast_attention():
+            for start in range(0, len(rows), self.batch_size):
+                batch = rows[start : start + self.batch_size]
+                width = max(len(r.tokens) for r in batch)
+                allowed = np.zeros((len(batch), width, width), dtype=bool)
+                allowed[:, np.arange(width), np.arange(width)] = True  # padding attends to itself
+                positions = torch.zeros(len(batch), width, dtype=torch.long)
+                members, picks, pick_rows, pick_columns = [], [], [], []
+                picked: dict[tuple[int, int], int] = {}  # (row, node) -> logits row
+                for r, row in enumerate(batch):
+                    n = len(row.tokens)
+                    allowed[r, :n, :n] = row.visible()
+                    positions[r, :n] = torch.tensor(row.depths)
+                    for k, path in row.paths.items():
+                        local = len(members)
+                        members.append(k)
+                        for i in wanted[k]:
+                            node = path[i - 1]
+                            if (r, node) not in picked:
+                                picked[(r, node)] = len(pick_rows)
+                                pick_rows.append(r)
+                                pick_columns.append(node)
+                            picks.append((local, i, picked[(r, node)]))
+                logits = (
+                    self._forward(
+                        self._padded([row.tokens for row in batch], width),
+                        positions.to(self.device),
+                        self._tensor(~allowed, dtype=torch.bool).unsqueeze(1),
+                        self._tensor(pick_rows),
+                        self._tensor(pick_columns),
+                    )
+                    if pick_rows
+                    else None
+                )
+                scores = self._finish_scores([sequences[k] for k in members], picks, logits)
+                for local, k in enumerate(members):
+                    results[k] = scores[local]
+        return results
+
+    # -- generation --------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Greedy generation for every request, batched; see `GenerationRequest`."""
-        results: list[Generation | None] = [None] * len(requests)
         for request in requests:
             if request.max_new_tokens >= self.max_sequence_length:
                 raise RequestTooLong(
@@ -116,10 +393,12 @@ class Engine:
                     f"of {self.max_sequence_length} tokens"
                 )
         prompts = [self._fit_prompt(r) for r in requests]
-        for batch in self._batches([len(p) for p in prompts]):
-            for i, generation in zip(
-                batch, self._generate_batch([prompts[i] for i in batch], [requests[i] for i in batch])
-            ):
+        results: list[Generation | None] = [None] * len(requests)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        run = self._generate_cached if self.plain_reason is None else self._generate_plain
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, generation in zip(batch, run([prompts[i] for i in batch], [requests[i] for i in batch])):
                 results[i] = generation
         return [r for r in results if r is not None]
 
@@ -128,32 +407,105 @@ class Engine:
         room = self.max_sequence_length - max(request.max_new_tokens, 0)
         return list(request.prompt[-room:]) if len(request.prompt) > room else list(request.prompt)
 
-    def _generate_batch(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
+    def _generate_plain(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
+        state = _Greedy(requests, self.end_of_text)
+        tokens = [list(p) for p in prompts]
+        while state.live:
+            live = state.live
+            width = max(len(tokens[i]) for i in live)
+            logits = self._forward(
+                self._padded([tokens[i] for i in live], width),
+                self._tensor(range(width)).unsqueeze(0).expand(len(live), width),
+                self._causal(width),
+                self._tensor(range(len(live))),
+                self._tensor([len(tokens[i]) - 1 for i in live]),
+            )
+            for i, token in zip(live, state.step(live, logits)):
+                if token is not None:
+                    tokens[i].append(token)
+        return state.results()
+
+    def _generate_cached(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
+        state = _Greedy(requests, self.end_of_text)
+        if not state.live:
+            return state.results()
         lengths = [len(p) for p in prompts]
-        budget = [max(r.max_new_tokens, 0) for r in requests]
-        width = max(n + b for n, b in zip(lengths, budget))
-        tokens = self._padded(prompts, width)
-        generated: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
-        reasons: list[str | None] = [None if b > 0 else LENGTH for b in budget]
-        while any(reason is None for reason in reasons):
-            live = [i for i, reason in enumerate(reasons) if reason is None]
-            current = max(lengths[i] for i in live)
-            logits = self._logits(tokens[live, :current])
-            last = torch.tensor([lengths[i] - 1 for i in live], device=self.device)
-            next_logprobs = torch.log_softmax(logits[torch.arange(len(live), device=self.device), last].float(), -1)
-            best_logprob, best = next_logprobs.max(dim=-1)
-            for row, i in enumerate(live):
-                token = int(best[row])
-                if token == self.end_of_text:  # ends the text; not part of it
-                    reasons[i] = END_OF_TEXT
-                    continue
-                generated[i].append(token)
-                logprobs[i].append(float(best_logprob[row]))
-                tokens[i, lengths[i]] = token
-                lengths[i] += 1
-                if requests[i].is_done is not None and requests[i].is_done(generated[i]):
-                    reasons[i] = STOP
-                elif len(generated[i]) >= budget[i]:
-                    reasons[i] = LENGTH
-        return [Generation(g, lp, str(r)) for g, lp, r in zip(generated, logprobs, reasons)]
+        width = max(lengths)
+        budget = max(r.max_new_tokens for r in requests)
+        with self._fast_attention(cache_capacity=width + budget) as caches:
+            cached = list(range(len(prompts)))  # request index of each cache row
+            live = state.live
+            logits = self._forward(
+                self._padded(prompts, width),
+                self._tensor(range(width)).unsqueeze(0).expand(len(prompts), width),
+                self._causal(width),
+                self._tensor(live),
+                self._tensor([lengths[i] - 1 for i in live]),
+            )
+            step = 0
+            while True:
+                tokens = dict(zip(live, state.step(live, logits)))
+                live = state.live
+                if not live:
+                    break
+                if len(live) <= 0.75 * len(cached):  # stop computing finished rows
+                    keep = self._tensor([cached.index(i) for i in live])
+                    for cache in caches:
+                        cache.keep_rows(keep)
+                    cached = list(live)
+                # each cached row feeds its newest token; rows already done feed a dummy
+                fed = [tokens.get(i) or 0 for i in cached]  # None (ended) -> any token
+                positions = [lengths[i] + step for i in cached]
+                keys = width + step + 1
+                visible = torch.zeros(len(cached), keys, dtype=torch.bool)
+                for r, i in enumerate(cached):
+                    visible[r, : lengths[i]] = True
+                visible[:, width:] = True
+                logits = self._forward(
+                    self._tensor(fed).unsqueeze(1),
+                    self._tensor(positions).unsqueeze(1),
+                    (~visible).view(len(cached), 1, 1, keys).to(self.device),
+                    self._tensor([cached.index(i) for i in live]),
+                    self._tensor([0] * len(live)),
+                )
+                step += 1
+        return state.results()
+
+
+class _Greedy:
+    """Greedy choice, stop checks and results for a batch of generation requests."""
+
+    def __init__(self, requests: list[GenerationRequest], end_of_text: int | None):
+        self.requests = requests
+        self.end_of_text = end_of_text
+        self.budget = [max(r.max_new_tokens, 0) for r in requests]
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.logprobs: list[list[float]] = [[] for _ in requests]
+        self.reasons: list[str | None] = [None if b > 0 else LENGTH for b in self.budget]
+
+    @property
+    def live(self) -> list[int]:
+        return [i for i, reason in enumerate(self.reasons) if reason is None]
+
+    def step(self, live: list[int], logits: torch.Tensor) -> list[int | None]:
+        """Take each live request's next token from its logits row; None where it ended instead."""
+        best_logprob, best = torch.log_softmax(logits, dim=-1).max(dim=-1)
+        taken: list[int | None] = []
+        for row, i in enumerate(live):
+            token = int(best[row])
+            if token == self.end_of_text:  # ends the text; not part of it
+                self.reasons[i] = END_OF_TEXT
+                taken.append(None)
+                continue
+            self.tokens[i].append(token)
+            self.logprobs[i].append(float(best_logprob[row]))
+            taken.append(token)
+            request = self.requests[i]
+            if request.is_done is not None and request.is_done(self.tokens[i]):
+                self.reasons[i] = STOP
+            elif len(self.tokens[i]) >= self.budget[i]:
+                self.reasons[i] = LENGTH
+        return taken
+
+    def results(self) -> list[Generation]:
+        return [Generation(t, lp, str(r)) for t, lp, r in zip(self.tokens, self.logprobs, self.reasons)]

@@ -70,20 +70,26 @@ class CharTokenizer:
         return "".join(CHARS[t] if t < len(CHARS) else "" for t in tokens)
 
 
-def tiny_gpt(vocab_size: int, max_sequence_length: int = 256, seed: int = 0):
-    """A 2-layer GPT-2-style Megatron GPTModel on CPU, in eval mode."""
+def tiny_gpt(
+    vocab_size: int,
+    max_sequence_length: int = 256,
+    seed: int = 0,
+    position_embedding_type: str = "learned_absolute",
+    **config: object,
+):
+    """A 2-layer GPT-2-style Megatron GPTModel on CPU, in eval mode; `config`: TransformerConfig overrides."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     torch.manual_seed(seed)
-    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
+    settings = dict(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
     model = GPTModel(
-        config,
+        TransformerConfig(**{**settings, **config}),
         get_gpt_layer_local_spec(),
         vocab_size=vocab_size + 3,  # padded like Megatron's, to check the padding is never predicted
         max_sequence_length=max_sequence_length,
-        position_embedding_type="learned_absolute",
+        position_embedding_type=position_embedding_type,
     )
     return model.eval()
 

@@ -1,10 +1,23 @@
-"""The scoring engine on a real Megatron GPTModel: batching never changes a result."""
+"""The scoring engine on a real Megatron GPTModel: batching, packing and caching never change a result."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import tiny_gpt
 
 from megatron_eval_hook.engine import END_OF_TEXT, LENGTH, STOP, Engine, GenerationRequest, RequestTooLong
+
+# Requests sharing prefixes, as multiple-choice questions do, plus a duplicate and a lone token.
+SEQUENCES = [
+    [5, 6, 7, 8, 9, 10],
+    [5, 6, 7, 8, 11, 12, 13],
+    [5, 6, 7, 14],
+    [11, 12],
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    [5, 6, 7, 8, 9, 10],
+    [13],
+]
 
 
 def reference_logprobs(model, tokens: list[int], vocab_size: int) -> torch.Tensor:
@@ -17,35 +30,102 @@ def reference_logprobs(model, tokens: list[int], vocab_size: int) -> torch.Tenso
     return torch.log_softmax(logits.float(), -1)
 
 
-def test_score_matches_an_unbatched_forward_pass(gpt, char_tokenizer):
+def engine(model, vocab, fast=True, **kwargs):
+    return Engine(model, vocab_size=vocab, max_sequence_length=64, batch_size=kwargs.pop("batch_size", 3), fast=fast)
+
+
+@pytest.fixture(params=["gpt2", "grouped-query"])
+def model(request, megatron_world, char_tokenizer):
+    if request.param == "gpt2":
+        return tiny_gpt(char_tokenizer.vocab_size, init_method_std=0.5)
+    return tiny_gpt(char_tokenizer.vocab_size, num_query_groups=2, init_method_std=0.5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
+def test_score_matches_an_unbatched_forward_pass(model, char_tokenizer, fast):
     vocab = char_tokenizer.vocab_size
-    sequences = [[5, 6, 7, 8, 9, 10], [11, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [13]]
-    scores = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=3).score(sequences)
-    for tokens, got in zip(sequences, scores):
-        expected = reference_logprobs(gpt, tokens, vocab)
+    subject = engine(model, vocab, fast)
+    assert (subject.plain_reason is None) == fast
+    scores = subject.score(SEQUENCES)
+    for tokens, got in zip(SEQUENCES, scores):
+        expected = reference_logprobs(model, tokens, vocab)
         assert got[0] == 0.0
         want = [float(expected[i - 1, tokens[i]]) for i in range(1, len(tokens))]
         assert torch.allclose(torch.tensor(got[1:]), torch.tensor(want), atol=1e-5)
 
 
-def test_generation_is_greedy_and_independent_of_batch_size(gpt, char_tokenizer):
+def test_shared_prefixes_take_one_position_each(gpt, char_tokenizer):
+    subject = engine(gpt, char_tokenizer.vocab_size)
+    rows = subject._pack([tuple(s) for s in SEQUENCES])
+    distinct_prefixes = {tuple(s[: i + 1]) for s in SEQUENCES for i in range(len(s))}
+    assert sum(len(r.tokens) for r in rows) == len(distinct_prefixes) == 24
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
+def test_only_the_needed_tokens_are_scored(model, char_tokenizer, fast):
     vocab = char_tokenizer.vocab_size
-    requests = [GenerationRequest([5, 6, 7], 6), GenerationRequest([9], 4), GenerationRequest([1, 2, 3, 4, 5, 6], 5)]
-    batched = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=8).generate(requests)
-    single = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=1).generate(requests)
+    full = engine(model, vocab, fast).score(SEQUENCES)
+    starts = [4, 5, 2, 1, 10, 0, 1]
+    partial = engine(model, vocab, fast).score(SEQUENCES, needed_from=starts)
+    for sequence, start, all_tokens, some in zip(SEQUENCES, starts, full, partial):
+        # the duplicate of SEQUENCES[0] asks for everything: both copies get it
+        start = 0 if sequence == SEQUENCES[0] else start
+        assert some[max(start, 1) :] == pytest.approx(all_tokens[max(start, 1) :], abs=1e-5)
+        assert all(v == 0.0 for v in some[: max(start, 1)])
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cached", "plain"])
+def test_generation_is_greedy_and_independent_of_batch_size(model, char_tokenizer, fast):
+    vocab = char_tokenizer.vocab_size
+    requests = [
+        GenerationRequest([5, 6, 7], 6),
+        GenerationRequest([9], 4),
+        GenerationRequest([1, 2, 3, 4, 5, 6], 5),
+        GenerationRequest([1, 2], 9, is_done=lambda tokens: len(tokens) == 2),
+    ]
+    batched = engine(model, vocab, fast, batch_size=8).generate(requests)
+    single = engine(model, vocab, fast, batch_size=1).generate(requests)
     assert [g.tokens for g in batched] == [g.tokens for g in single]
     for b, s in zip(batched, single):  # batch shapes change float rounding only
         assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(s.logprobs), atol=1e-5)
     for request, generation in zip(requests, batched):
         tokens = list(request.prompt)
-        for token in generation.tokens:  # each generated token is the argmax given what precedes it
-            assert int(reference_logprobs(gpt, tokens, vocab)[-1].argmax()) == token
+        for token, logprob in zip(generation.tokens, generation.logprobs):
+            # each generated token is the argmax given what precedes it
+            expected = reference_logprobs(model, tokens, vocab)[-1]
+            assert int(expected.argmax()) == token
+            assert logprob == pytest.approx(float(expected[token]), abs=1e-5)
             tokens.append(token)
-        assert generation.finish_reason == LENGTH
-        assert len(generation.tokens) == request.max_new_tokens
+        if request.is_done is None:
+            assert generation.finish_reason == LENGTH
+            assert len(generation.tokens) == request.max_new_tokens
+        else:
+            assert generation.finish_reason == STOP and len(generation.tokens) == 2
 
 
-def test_padded_vocabulary_rows_are_never_predicted(gpt, char_tokenizer):
+def test_rotary_positions_take_the_plain_path(megatron_world, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    rotary = tiny_gpt(vocab, position_embedding_type="rope", init_method_std=0.5)
+    subject = engine(rotary, vocab)
+    assert "rope" in subject.plain_reason
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1).view(1, 1, 6, 6)
+    with torch.no_grad():
+        logits = rotary(torch.tensor([SEQUENCES[0]]), torch.arange(6).unsqueeze(0), mask)[0, :, :vocab]
+    expected = torch.log_softmax(logits, -1)
+    got = subject.score([SEQUENCES[0]])[0]
+    assert got[1:] == pytest.approx([float(expected[i - 1, SEQUENCES[0][i]]) for i in range(1, 6)], abs=1e-5)
+
+
+def test_the_model_keeps_its_own_attention_after_a_call(gpt, char_tokenizer):
+    before = [type(m.self_attention.core_attention) for m in gpt.decoder.layers]
+    subject = engine(gpt, char_tokenizer.vocab_size)
+    subject.score(SEQUENCES)
+    subject.generate([GenerationRequest([5, 6], 3)])
+    assert [type(m.self_attention.core_attention) for m in gpt.decoder.layers] == before
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cached", "plain"])
+def test_padded_vocabulary_rows_are_never_predicted(gpt, char_tokenizer, fast):
     vocab = char_tokenizer.vocab_size
     weight = gpt.output_layer.weight
     with torch.no_grad():  # real rows score 0; one of the two padding rows scores far above
@@ -55,27 +135,20 @@ def test_padded_vocabulary_rows_are_never_predicted(gpt, char_tokenizer):
     prompt = [3, 4, 5]
     full = reference_logprobs(gpt, prompt, weight.shape[0])[-1]
     assert int(full.argmax()) >= vocab  # the unrestricted output layer would predict padding
-    engine = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=2)
-    generation = engine.generate([GenerationRequest(prompt, 3)])[0]
+    generation = engine(gpt, vocab, fast, batch_size=2).generate([GenerationRequest(prompt, 3)])[0]
     assert all(t < vocab for t in generation.tokens)
 
 
-def test_generation_stops_when_told_and_at_end_of_text(gpt, char_tokenizer):
+@pytest.mark.parametrize("fast", [True, False], ids=["cached", "plain"])
+def test_generation_stops_at_end_of_text(gpt, char_tokenizer, fast):
     vocab = char_tokenizer.vocab_size
-    engine = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=2)
-    stopped = engine.generate([GenerationRequest([5, 6], 10, is_done=lambda tokens: len(tokens) == 2)])[0]
-    assert stopped.finish_reason == STOP and len(stopped.tokens) == 2
-    first = engine.generate([GenerationRequest([5, 6], 1)])[0].tokens[0]
-    ended = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=2, end_of_text=first)
-    result = ended.generate([GenerationRequest([5, 6], 10)])[0]
-    assert result.finish_reason == END_OF_TEXT and result.tokens == []
+    first = engine(gpt, vocab, fast).generate([GenerationRequest([5, 6], 1)])[0].tokens[0]
+    ended = Engine(gpt, vocab_size=vocab, max_sequence_length=64, batch_size=2, end_of_text=first, fast=fast)
+    result = ended.generate([GenerationRequest([5, 6], 10), GenerationRequest([7, 8, 9], 10)])
+    assert result[0].finish_reason == END_OF_TEXT and result[0].tokens == []
 
 
 def test_a_scoring_request_longer_than_the_window_is_refused(gpt, char_tokenizer):
-    engine = Engine(gpt, vocab_size=char_tokenizer.vocab_size, max_sequence_length=8, batch_size=2)
-    try:
-        engine.score([list(range(9))])
-    except RequestTooLong as error:
-        assert "9 tokens" in str(error) and "8 tokens" in str(error)
-    else:
-        raise AssertionError("expected RequestTooLong")
+    subject = Engine(gpt, vocab_size=char_tokenizer.vocab_size, max_sequence_length=8, batch_size=2)
+    with pytest.raises(RequestTooLong, match="9 tokens.*8 tokens"):
+        subject.score([list(range(9))])

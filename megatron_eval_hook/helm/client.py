@@ -6,6 +6,11 @@ caches: a request cache keyed by the prompt would return an older checkpoint's a
 
 `InProcessModel.prefetch` answers all requests of a HELM run in batched forward passes before
 HELM asks for them one by one; `make_request` then only looks the answer up.
+
+Multiple-choice "separate" runs ask for the log-probability of every token of "question answer"
+(echo), but HELM's metrics read only the answer's own tokens (`compute_logprob_and_length` in
+helm/benchmark/metrics/basic_metrics.py takes the last len(tokenize(" " + answer)) tokens).
+For those runs the engine computes only these; the question's tokens report log-probability 0.0.
 """
 
 from __future__ import annotations
@@ -14,6 +19,11 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from helm.benchmark.adaptation.adapter_spec import (
+    ADAPT_MULTIPLE_CHOICE_SEPARATE_CALIBRATED,
+    ADAPT_MULTIPLE_CHOICE_SEPARATE_ORIGINAL,
+)
+from helm.benchmark.adaptation.request_state import RequestState
 from helm.clients.client import Client, truncate_sequence
 from helm.common.request import ErrorFlags, GeneratedOutput, Request, RequestResult, Token
 from helm.common.tokenization_request import (
@@ -49,6 +59,10 @@ class MegatronTokenizer:
         return self._tokenizer.detokenize(list(tokens))  # type: ignore[attr-defined]
 
 
+# adapter methods whose metrics read only the answer's tokens of an echoed "question answer"
+_ANSWER_ONLY_METHODS = (ADAPT_MULTIPLE_CHOICE_SEPARATE_ORIGINAL, ADAPT_MULTIPLE_CHOICE_SEPARATE_CALIBRATED)
+
+
 class UnsupportedRequest(ValueError):
     """A request asks for something the engine does not do (yet)."""
 
@@ -75,12 +89,38 @@ class InProcessModel:
     def piece(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def prefetch(self, requests: Sequence[Request]) -> None:
-        """Answer `requests` in batches (identical requests once) and keep the answers for HELM."""
-        unique = {_key(r): r for r in requests if _key(r) not in self._answers}
-        scoring = [r for r in unique.values() if r.echo_prompt]
-        generation = [r for r in unique.values() if not r.echo_prompt]
-        for batch, answer in ((scoring, self._score), (generation, self._generate)):
+    def prefetch(self, states: Sequence[RequestState], adapter_method: str | None = None) -> None:
+        """Answer the requests of a HELM run in batches (identical requests once); keep the answers for HELM.
+
+        `adapter_method`: the run's `AdapterSpec.method`, which tells what of an answer HELM reads.
+        """
+        reads: dict[tuple, int | None] = {}  # request -> how many final tokens HELM reads; None: all
+        requests: dict[tuple, Request] = {}
+        for state in states:
+            key = _key(state.request)
+            tokens = None
+            if adapter_method in _ANSWER_ONLY_METHODS and state.reference_index is not None:
+                answer = state.instance.references[state.reference_index].output.text
+                tokens = len(self.tokenizer.encode(f" {answer}"))
+            requests[key] = state.request
+            reads[key] = tokens if reads.get(key, tokens) == tokens else None
+        self._answer_all(list(requests.values()), reads)
+
+    def answer(self, request: Request) -> RequestResult:
+        """The answer to one request: prefetched, else computed now (every token's log-prob)."""
+        key = _key(request)
+        if key not in self._answers:
+            self._answer_all([request], {key: None})
+        return self._answers[key]
+
+    def _answer_all(self, requests: list[Request], reads: dict[tuple, int | None]) -> None:
+        requests = [r for r in requests if _key(r) not in self._answers]
+        scoring = [r for r in requests if r.echo_prompt]
+        generation = [r for r in requests if not r.echo_prompt]
+        for batch, answer in (
+            (scoring, lambda batch: self._score(batch, [reads[_key(r)] for r in batch])),
+            (generation, self._generate),
+        ):
             if not batch:
                 continue
             started = time.time()
@@ -94,23 +134,17 @@ class InProcessModel:
                 result.request_datetime = int(started)
                 self._answers[_key(request)] = result
 
-    def answer(self, request: Request) -> RequestResult:
-        """The answer to one request: prefetched, else computed now."""
-        key = _key(request)
-        if key not in self._answers:
-            self.prefetch([request])
-        return self._answers[key]
-
     def forget(self) -> None:
         """Drop kept answers (between HELM runs and between checkpoints)."""
         self._answers.clear()
 
-    def _score(self, requests: Sequence[Request]) -> list[RequestResult]:
+    def _score(self, requests: Sequence[Request], reads: Sequence[int | None]) -> list[RequestResult]:
         for request in requests:
             if request.max_tokens != 0:
                 raise UnsupportedRequest("echo_prompt with max_tokens > 0 is not supported")
         prompts = [self.tokenizer.encode(r.prompt) for r in requests]
-        scores = self.engine.score(prompts)
+        needed_from = [0 if n is None else len(p) - n for p, n in zip(prompts, reads)]
+        scores = self.engine.score(prompts, needed_from)
         results = []
         for request, tokens, logprobs in zip(requests, prompts, scores):
             output = GeneratedOutput(

@@ -270,7 +270,7 @@ def _batching_runner(model, helm_dir: Path, suite: str):
         """Answers all requests of a run in batches before HELM asks for them one by one."""
 
         def execute(self, scenario_state):
-            model.prefetch([state.request for state in scenario_state.request_states])
+            model.prefetch(scenario_state.request_states, scenario_state.adapter_spec.method)
             try:
                 return super().execute(scenario_state)
             finally:
