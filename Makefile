@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The throughput benchmark (bench/throughput.py) also needs lm-evaluation-harness: the `bench` extra,
+# with the same constraints. Pass options with BENCH_ARGS, e.g. make bench BENCH_ARGS=--quick
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints-cpu.txt -e '.[test,bench]'
+	$(PY) -m pip uninstall --quiet --yes torchvision
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/throughput.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
