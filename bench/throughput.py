@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import inspect
 import math
 import os
 import random
@@ -420,21 +419,17 @@ class Ours:
         self.model = model
         self.count_reference = count_reference
 
-    def prepare(self, run: Run) -> list:
-        return run.states
+    def prepare(self, run: Run) -> tuple[list, str]:
+        return run.states, run.spec.adapter_spec.method
 
-    def execute(self, states: list) -> list:
+    def execute(self, run_input: tuple[list, str]) -> list:
         """What the hook's executor does for one HELM run: prefetch its requests, then answer each."""
-        self.model.prefetch(self._prefetch_argument(states))
+        states, method = run_input
+        self.model.prefetch(states, method)
         try:
             return [self.model.answer(state.request) for state in states]
         finally:
             self.model.forget()
-
-    def _prefetch_argument(self, states: Sequence) -> Sequence:
-        # `prefetch` takes the run's RequestStates (older versions: their Requests).
-        first = next(iter(inspect.signature(self.model.prefetch).parameters))
-        return states if first == "states" else [state.request for state in states]
 
     def answers(self, run: Run, results: list) -> list:
         return helm_answers(run, results, self.count_reference)

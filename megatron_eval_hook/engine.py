@@ -33,7 +33,9 @@ import torch
 # finish reasons, as HELM's clients report them
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 
-# Scoring packs requests into rows of at least this many tokens (more when one request is longer).
+# Scoring packs requests into rows of at least this many tokens (more when one request is longer);
+# generation, into rows twice as long. Attention over a row is dense: longer rows share more
+# prefixes but pay more for attention between positions that cannot see each other.
 ROW_TOKENS = 512
 
 
@@ -193,6 +195,7 @@ class Engine:
         batch_size: int,
         end_of_text: int | None = None,
         fast: bool = True,
+        row_tokens: int = ROW_TOKENS,
     ):
         self.model = model
         self.vocab_size = vocab_size
@@ -201,6 +204,7 @@ class Engine:
         self.end_of_text = end_of_text
         self.device = next(model.parameters()).device
         self.plain_reason = fast_path_unsupported(model) if fast else "fast=False"
+        self.row_tokens = row_tokens  # packed scoring rows; generation rows are twice as long
 
     # -- forward passes ----------------------------------------------------------------------
 
@@ -319,15 +323,15 @@ class Engine:
                 results[k] = scores[row]
         return results
 
-    def _pack(self, sequences: Sequence[tuple[int, ...]]) -> list[_PackedRow]:
-        """Rows of at most max(ROW_TOKENS, longest) positions; requests sharing a prefix share its positions.
+    def _pack(self, sequences: Sequence[Sequence[int]], width: int) -> list[_PackedRow]:
+        """Rows of at most max(width, longest) positions; requests sharing a prefix share its positions.
 
         In lexicographic order, a request shares the most positions with the one just before it.
         """
-        width = max(ROW_TOKENS, max(len(s) for s in sequences))
+        width = max(width, max(len(s) for s in sequences))
         rows: list[_PackedRow] = []
         row, previous, previous_path = None, (), []
-        for k in sorted(range(len(sequences)), key=lambda k: sequences[k]):
+        for k in sorted(range(len(sequences)), key=lambda k: tuple(sequences[k])):
             sequence = sequences[k]
             shared = _common_prefix(previous, sequence) if row is not None else 0
             if row is None or len(row.tokens) + len(sequence) - shared > width:
@@ -340,43 +344,39 @@ class Engine:
             previous, previous_path = sequence, path
         return rows
 
+    def _tree_inputs(self, rows: Sequence[_PackedRow]):
+        """Token ids, position ids and attention mask (True: masked) of a batch of packed rows."""
+        width = max(len(r.tokens) for r in rows)
+        allowed = np.zeros((len(rows), width, width), dtype=bool)
+        allowed[:, np.arange(width), np.arange(width)] = True  # padding attends to itself
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            n = len(row.tokens)
+            allowed[r, :n, :n] = row.visible()
+            positions[r, :n] = torch.tensor(row.depths)
+        masked = torch.from_numpy(~allowed).unsqueeze(1).to(self.device)
+        return self._padded([row.tokens for row in rows], width), positions.to(self.device), masked
+
     def _score_packed(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
-        rows = sorted(self._pack(sequences), key=lambda r: -len(r.tokens))
+        rows = sorted(self._pack(sequences, self.row_tokens), key=lambda r: -len(r.tokens))
         with self._fast_attention():
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
-                width = max(len(r.tokens) for r in batch)
-                allowed = np.zeros((len(batch), width, width), dtype=bool)
-                allowed[:, np.arange(width), np.arange(width)] = True  # padding attends to itself
-                positions = torch.zeros(len(batch), width, dtype=torch.long)
                 members, picks, pick_rows, pick_columns = [], [], [], []
                 picked: dict[tuple[int, int], int] = {}  # (row, node) -> logits row
                 for r, row in enumerate(batch):
-                    n = len(row.tokens)
-                    allowed[r, :n, :n] = row.visible()
-                    positions[r, :n] = torch.tensor(row.depths)
                     for k, path in row.paths.items():
                         local = len(members)
                         members.append(k)
                         for i in wanted[k]:
-                            node = path[i - 1]
+                            node = path[i - 1]  # the logits after token i-1 predict token i
                             if (r, node) not in picked:
                                 picked[(r, node)] = len(pick_rows)
                                 pick_rows.append(r)
                                 pick_columns.append(node)
                             picks.append((local, i, picked[(r, node)]))
-                logits = (
-                    self._forward(
-                        self._padded([row.tokens for row in batch], width),
-                        positions.to(self.device),
-                        self._tensor(~allowed, dtype=torch.bool).unsqueeze(1),
-                        self._tensor(pick_rows),
-                        self._tensor(pick_columns),
-                    )
-                    if pick_rows
-                    else None
-                )
+                logits = self._forward(*self._tree_inputs(batch), self._tensor(pick_rows), self._tensor(pick_columns))
                 scores = self._finish_scores([sequences[k] for k in members], picks, logits)
                 for local, k in enumerate(members):
                     results[k] = scores[local]
@@ -394,8 +394,10 @@ class Engine:
                 )
         prompts = [self._fit_prompt(r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        run = self._generate_cached if self.plain_reason is None else self._generate_plain
+        if self.plain_reason is None:  # neighbours share the longest prefixes
+            run, order = self._generate_cached, sorted(range(len(prompts)), key=lambda i: prompts[i])
+        else:  # neighbours have similar lengths
+            run, order = self._generate_plain, sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             for i, generation in zip(batch, run([prompts[i] for i in batch], [requests[i] for i in batch])):
@@ -426,49 +428,57 @@ class Engine:
         return state.results()
 
     def _generate_cached(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
+        """Prompts packed into prefix trees (shared in-context examples computed once), then decoded
+        with a key/value cache: each request's new tokens attend to its prompt's nodes and its own
+        earlier tokens. Each row of the batch decodes all of its requests in one step."""
         state = _Greedy(requests, self.end_of_text)
         if not state.live:
             return state.results()
-        lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        budget = max(r.max_new_tokens for r in requests)
-        with self._fast_attention(cache_capacity=width + budget) as caches:
-            cached = list(range(len(prompts)))  # request index of each cache row
+        rows = self._pack(prompts, 2 * self.row_tokens)
+        slots = {k: (r, j) for r, row in enumerate(rows) for j, k in enumerate(row.paths)}  # request -> (row, slot)
+        per_row = max(len(row.paths) for row in rows)
+        width = max(len(row.tokens) for row in rows)
+        capacity = width + per_row * max(r.max_new_tokens for r in requests)
+        # visible[row, slot]: the cached positions the slot's next token attends to
+        visible = torch.zeros(len(rows), per_row, capacity, dtype=torch.bool)
+        for k, (r, j) in slots.items():
+            visible[r, j, rows[r].paths[k]] = True
+        kept = list(range(len(rows)))  # the batch rows still in the cache
+        with self._fast_attention(cache_capacity=capacity) as caches:
             live = state.live
             logits = self._forward(
-                self._padded(prompts, width),
-                self._tensor(range(width)).unsqueeze(0).expand(len(prompts), width),
-                self._causal(width),
-                self._tensor(live),
-                self._tensor([lengths[i] - 1 for i in live]),
+                *self._tree_inputs(rows),
+                self._tensor([slots[k][0] for k in live]),
+                self._tensor([rows[slots[k][0]].paths[k][-1] for k in live]),
             )
-            step = 0
-            while True:
-                tokens = dict(zip(live, state.step(live, logits)))
+            for step in range(capacity):
+                taken = dict(zip(live, state.step(live, logits)))
                 live = state.live
                 if not live:
                     break
-                if len(live) <= 0.75 * len(cached):  # stop computing finished rows
-                    keep = self._tensor([cached.index(i) for i in live])
+                busy = sorted({slots[k][0] for k in live})
+                if len(busy) <= 0.75 * len(kept):  # rows whose requests all ended leave the cache
+                    keep = [kept.index(r) for r in busy]
                     for cache in caches:
-                        cache.keep_rows(keep)
-                    cached = list(live)
-                # each cached row feeds its newest token; rows already done feed a dummy
-                fed = [tokens.get(i) or 0 for i in cached]  # None (ended) -> any token
-                positions = [lengths[i] + step for i in cached]
-                keys = width + step + 1
-                visible = torch.zeros(len(cached), keys, dtype=torch.bool)
-                for r, i in enumerate(cached):
-                    visible[r, : lengths[i]] = True
-                visible[:, width:] = True
+                        cache.keep_rows(self._tensor(keep))
+                    visible = visible[keep]
+                    kept = busy
+                fed = torch.zeros(len(kept), per_row, dtype=torch.long)
+                positions = torch.zeros(len(kept), per_row, dtype=torch.long)
+                for k, (r, j) in slots.items():
+                    if r in kept and taken.get(k) is not None:
+                        fed[kept.index(r), j] = taken[k]
+                        positions[kept.index(r), j] = len(prompts[k]) + step
+                column = width + step * per_row  # each slot's new token takes its own column
+                visible[:, torch.arange(per_row), column + torch.arange(per_row)] = True
+                keys = column + per_row
                 logits = self._forward(
-                    self._tensor(fed).unsqueeze(1),
-                    self._tensor(positions).unsqueeze(1),
-                    (~visible).view(len(cached), 1, 1, keys).to(self.device),
-                    self._tensor([cached.index(i) for i in live]),
-                    self._tensor([0] * len(live)),
+                    fed.to(self.device),
+                    positions.to(self.device),
+                    (~visible[:, :, :keys]).unsqueeze(1).to(self.device),
+                    self._tensor([kept.index(slots[k][0]) for k in live]),
+                    self._tensor([slots[k][1] for k in live]),
                 )
-                step += 1
         return state.results()
 
 

@@ -30,8 +30,8 @@ def reference_logprobs(model, tokens: list[int], vocab_size: int) -> torch.Tenso
     return torch.log_softmax(logits.float(), -1)
 
 
-def engine(model, vocab, fast=True, **kwargs):
-    return Engine(model, vocab_size=vocab, max_sequence_length=64, batch_size=kwargs.pop("batch_size", 3), fast=fast)
+def engine(model, vocab, fast=True, batch_size=3, **kwargs):
+    return Engine(model, vocab_size=vocab, max_sequence_length=64, batch_size=batch_size, fast=fast, **kwargs)
 
 
 @pytest.fixture(params=["gpt2", "grouped-query"])
@@ -56,7 +56,7 @@ def test_score_matches_an_unbatched_forward_pass(model, char_tokenizer, fast):
 
 def test_shared_prefixes_take_one_position_each(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size)
-    rows = subject._pack([tuple(s) for s in SEQUENCES])
+    rows = subject._pack(SEQUENCES, width=64)
     distinct_prefixes = {tuple(s[: i + 1]) for s in SEQUENCES for i in range(len(s))}
     assert sum(len(r.tokens) for r in rows) == len(distinct_prefixes) == 24
 
@@ -82,6 +82,9 @@ def test_generation_is_greedy_and_independent_of_batch_size(model, char_tokenize
         GenerationRequest([9], 4),
         GenerationRequest([1, 2, 3, 4, 5, 6], 5),
         GenerationRequest([1, 2], 9, is_done=lambda tokens: len(tokens) == 2),
+        GenerationRequest([5, 6, 8, 9], 5),  # shares a prefix with the first
+        GenerationRequest([20, 21, 22], 1),  # ends after its first token
+        GenerationRequest([30, 31], 2),
     ]
     batched = engine(model, vocab, fast, batch_size=8).generate(requests)
     single = engine(model, vocab, fast, batch_size=1).generate(requests)
@@ -101,6 +104,17 @@ def test_generation_is_greedy_and_independent_of_batch_size(model, char_tokenize
             assert len(generation.tokens) == request.max_new_tokens
         else:
             assert generation.finish_reason == STOP and len(generation.tokens) == 2
+
+
+def test_cached_generation_over_many_packed_rows_matches_the_plain_path(model, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    # short rows: the prompts spread over several rows, and rows whose requests all ended leave the batch
+    requests = [GenerationRequest([i % 70, (7 * i) % 70, 3, 4], 2 if i % 5 else 12) for i in range(30)]
+    cached = engine(model, vocab, batch_size=30, row_tokens=4).generate(requests)
+    plain = engine(model, vocab, fast=False, batch_size=30).generate(requests)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for c, p in zip(cached, plain):
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
 
 
 def test_rotary_positions_take_the_plain_path(megatron_world, char_tokenizer):
