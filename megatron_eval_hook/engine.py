@@ -34,8 +34,8 @@ import torch
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 
 # Scoring packs requests into rows of at least this many tokens (more when one request is longer);
-# generation, into rows twice as long. Attention over a row is dense: longer rows share more
-# prefixes but pay more for attention between positions that cannot see each other.
+# generation, into rows twice as long as that. Attention over a row is dense: longer rows share
+# more prefixes but pay more for attention between positions that cannot see each other.
 ROW_TOKENS = 512
 
 
@@ -204,7 +204,7 @@ class Engine:
         self.end_of_text = end_of_text
         self.device = next(model.parameters()).device
         self.plain_reason = fast_path_unsupported(model) if fast else "fast=False"
-        self.row_tokens = row_tokens  # packed scoring rows; generation rows are twice as long
+        self.row_tokens = row_tokens
 
     # -- forward passes ----------------------------------------------------------------------
 
@@ -434,7 +434,8 @@ class Engine:
         state = _Greedy(requests, self.end_of_text)
         if not state.live:
             return state.results()
-        rows = self._pack(prompts, 2 * self.row_tokens)
+        # rows twice the longest prompt: a few requests share each copy of their in-context examples
+        rows = self._pack(prompts, 2 * max(self.row_tokens, max(len(p) for p in prompts)))
         slots = {k: (r, j) for r, row in enumerate(rows) for j, k in enumerate(row.paths)}  # request -> (row, slot)
         per_row = max(len(row.paths) for row in rows)
         width = max(len(row.tokens) for row in rows)
