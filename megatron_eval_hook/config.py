@@ -43,7 +43,7 @@ class ScheduleConfig:
 class EngineConfig:
     """The scoring engine that answers HELM's requests with the training model."""
 
-    batch_size: int = 16  # sequences per forward pass
+    batch_size: int = 16  # per forward pass: generation requests, or scoring rows of packed requests
     max_sequence_length: int | None = None  # tokens; null = Megatron's --seq-length
 
 
