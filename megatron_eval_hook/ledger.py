@@ -1,7 +1,8 @@
 """The ledger: a SQLite record of every evaluation attempt, written before any sink.
 
 One `evaluations` row per (save, benchmark) attempt, with its status (`ok`, `failed` with the
-reason, `skipped` with the reason), and one `metrics` row per metric of an `ok` attempt. W&B and
+reason, `skipped` with the reason), and one `metrics` row per metric of an `ok` attempt.
+`baselines` holds published scores of other models, to compare runs against. W&B and
 every other view are rebuilt from this file; nothing reads results from anywhere else.
 
 An attempt is inserted as `running` before the evaluation starts and closed when it ends, so a
@@ -46,7 +47,29 @@ CREATE TABLE IF NOT EXISTS metrics (
     count         INTEGER,
     PRIMARY KEY (evaluation_id, metric, split)
 );
+CREATE TABLE IF NOT EXISTS baselines (
+    model       TEXT    NOT NULL,   -- a published model, e.g. pythia-160m
+    benchmark   TEXT    NOT NULL,
+    metric      TEXT    NOT NULL,
+    value       REAL    NOT NULL,
+    tokens      INTEGER,            -- the model's training tokens, when published
+    source      TEXT,               -- where the number was published
+    recorded_at TEXT    NOT NULL,   -- ISO 8601, UTC
+    PRIMARY KEY (model, benchmark, metric)
+);
 """
+
+
+@dataclass(frozen=True)
+class BaselineScore:
+    """A published score of another model: `value` of `metric` on `benchmark`."""
+
+    model: str
+    benchmark: str
+    metric: str
+    value: float
+    tokens: int | None = None
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,3 +211,28 @@ class Ledger:
             for r in rows
             if r["status"] != "ok" or r["metric"] is not None
         ]
+
+    def record_baselines(self, scores: Iterable[BaselineScore]) -> int:
+        """Replace the baselines of every model in `scores` by `scores`, in one transaction; return how many.
+
+        Recording the same scores again changes nothing; a model's scores left out are removed.
+        """
+        scores = list(scores)
+        now = utc_now()
+        with self._connect() as db:
+            db.executemany("DELETE FROM baselines WHERE model = ?", [(m,) for m in {s.model for s in scores}])
+            db.executemany(
+                "INSERT INTO baselines (model, benchmark, metric, value, tokens, source, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(s.model, s.benchmark, s.metric, s.value, s.tokens, s.source, now) for s in scores],
+            )
+        return len(scores)
+
+    def baselines(self) -> list[BaselineScore]:
+        """Every recorded baseline score, by model, benchmark and metric."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT model, benchmark, metric, value, tokens, source FROM baselines"
+                " ORDER BY model, benchmark, metric"
+            ).fetchall()
+        return [BaselineScore(*row) for row in rows]
