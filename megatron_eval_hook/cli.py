@@ -1,6 +1,10 @@
 """`megatron-eval`: command-line views of the ledger.
 
 megatron-eval results --ledger PATH [--run NAME] [--all-metrics] [--format table|json]
+megatron-eval baselines --config conf/baselines.yaml [--ledger PATH] [--no-wandb]
+megatron-eval leaderboard --ledger PATH [--runs NAME ...] [--pick latest|best]
+                          [--format table|markdown|csv|json] [--wandb]
+megatron-eval report --ledger PATH --out report.html
 """
 
 from __future__ import annotations
@@ -64,6 +68,151 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_ledger(path: str, command: str) -> Ledger | None:
+    """The ledger at `path`, or None after saying on stderr that there is none (never creates one)."""
+    if not Path(path).is_file():
+        print(
+            f"megatron-eval {command}: --ledger {path}: no such file. Fix: pass the ledger.sqlite the hook wrote "
+            "(default <--save>/eval_hook/ledger.sqlite).",
+            file=sys.stderr,
+        )
+        return None
+    return Ledger(path)
+
+
+def _wandb_failed(command: str, error: Exception) -> int:
+    print(
+        f"megatron-eval {command}: W&B logging failed: {error}. Fix: run `wandb login`, or set WANDB_MODE=offline "
+        "and `wandb sync` later.",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _baselines(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.baselines import BaselinesError, load_baselines, log_baselines_to_wandb
+
+    if args.ledger is None and not args.wandb:
+        print(
+            "megatron-eval baselines: nowhere to record. Fix: pass --ledger PATH, or drop --no-wandb.", file=sys.stderr
+        )
+        return 2
+    try:
+        scores = load_baselines(args.config)
+    except BaselinesError as error:
+        print(f"megatron-eval baselines: --config {error}", file=sys.stderr)
+        return 2
+    models = len({s.model for s in scores})
+    if args.ledger is not None:
+        Ledger(args.ledger).record_baselines(scores)
+        print(f"recorded {len(scores)} scores of {models} baseline models in {args.ledger}")
+    if args.wandb:
+        try:
+            folder = log_baselines_to_wandb(
+                scores, project=args.wandb_project, entity=args.wandb_entity, directory=args.wandb_dir
+            )
+        except Exception as error:  # wandb raises many types (no API key, network); the ledger is written already
+            return _wandb_failed("baselines", error)
+        print(f"logged the baselines table to W&B project {args.wandb_project} ({folder})")
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from megatron_eval_hook import leaderboard as lb
+
+    ledger = _existing_ledger(args.ledger, "leaderboard")
+    if ledger is None:
+        return 2
+    try:
+        board = lb.build_leaderboard(
+            ledger.results(),
+            ledger.baselines(),
+            runs=args.runs,
+            pick=args.pick,
+            chance=lb.parse_chance(args.chance),
+            source=f"the ledger {args.ledger}",
+        )
+    except lb.LeaderboardError as error:
+        print(f"megatron-eval leaderboard: {error}", file=sys.stderr)
+        return 2
+    formats = {"table": lb.to_text, "markdown": lb.to_markdown, "csv": lb.to_csv}
+    if args.format == "json":
+        print(json.dumps(board.to_json(), indent=2))
+    elif board.rows:
+        print(formats[args.format](board).rstrip("\n"))
+    else:
+        print(f"no evaluations or baselines recorded in {args.ledger}")
+    if args.wandb:
+        try:
+            folder = lb.log_leaderboard_to_wandb(
+                board, project=args.wandb_project, entity=args.wandb_entity, directory=args.wandb_dir
+            )
+        except Exception as error:  # wandb raises many types (no API key, network)
+            return _wandb_failed("leaderboard", error)
+        print(f"logged the leaderboard table to W&B project {args.wandb_project} ({folder})", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.leaderboard import LeaderboardError, build_leaderboard, parse_chance
+    from megatron_eval_hook.report import render_report, write_report
+
+    ledger = _existing_ledger(args.ledger, "report")
+    if ledger is None:
+        return 2
+    rows, baselines = ledger.results(), ledger.baselines()
+    try:
+        board = build_leaderboard(rows, baselines, pick=args.pick, chance=parse_chance(args.chance))
+    except LeaderboardError as error:
+        print(f"megatron-eval report: {error}", file=sys.stderr)
+        return 2
+    html = render_report(rows, baselines, board, ledger_name=str(args.ledger))
+    print(f"wrote {write_report(args.out, html)}")
+    return 0
+
+
+def _add_wandb_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wandb-project", default="megatron-eval", help="W&B project (default: megatron-eval)")
+    parser.add_argument("--wandb-entity", default=None, help="W&B entity (default: your default entity)")
+    parser.add_argument("--wandb-dir", default=None, help="folder for W&B's local files (default: $WANDB_DIR or .)")
+
+
+def _add_chance_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chance",
+        action="append",
+        default=[],
+        metavar="BENCHMARK=LEVEL",
+        help="random-guess score of a benchmark whose HELM scenario is not known, e.g. facts=0.25 (repeatable)",
+    )
+
+
+def _add_view_commands(commands: argparse._SubParsersAction) -> None:
+    baselines = commands.add_parser("baselines", help="record published scores of other models (ledger and W&B)")
+    baselines.add_argument("--config", required=True, help="baselines YAML, e.g. conf/baselines.yaml")
+    baselines.add_argument("--ledger", default=None, help="ledger to record them in (created when missing)")
+    baselines.add_argument("--no-wandb", dest="wandb", action="store_false", help="do not log them to W&B")
+    _add_wandb_args(baselines)
+    baselines.set_defaults(handler=_baselines)
+
+    leaderboard = commands.add_parser("leaderboard", help="rank runs and baselines by a chance-corrected composite")
+    leaderboard.add_argument("--ledger", required=True, help="path of the ledger (ledger.sqlite)")
+    leaderboard.add_argument("--runs", nargs="+", default=None, metavar="NAME", help="only these runs")
+    leaderboard.add_argument("--pick", choices=("latest", "best"), default="latest", help="which iteration of a run")
+    leaderboard.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
+    leaderboard.add_argument("--wandb", action="store_true", help="also log the leaderboard as a W&B Table")
+    _add_chance_arg(leaderboard)
+    _add_wandb_args(leaderboard)
+    leaderboard.set_defaults(handler=_leaderboard)
+
+    report = commands.add_parser("report", help="write a self-contained HTML report of the ledger")
+    report.add_argument("--ledger", required=True, help="path of the ledger (ledger.sqlite)")
+    report.add_argument("--out", required=True, help="HTML file to write, e.g. report.html")
+    report.add_argument("--pick", choices=("latest", "best"), default="latest", help="leaderboard: which iteration")
+    _add_chance_arg(report)
+    report.set_defaults(handler=_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-eval", description="Views of the evaluation ledger.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (default: the checkpoint's)")
     export.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (default: the checkpoint's)")
     export.set_defaults(handler=_export_hf)
+    _add_view_commands(commands)
     return parser
 
 
