@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup browser demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 demo: $(STAMP)
 	$(PY) examples/pretrain_gpt2/demo.py --out outputs/demo
 
-test: $(STAMP)
+# The HTML report's tests load it in a real headless browser: Debian's chromium, installed with
+# apt (as root) unless a chromium is already on PATH.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 # The throughput benchmark (bench/throughput.py) also needs lm-evaluation-harness: the `bench` extra,
