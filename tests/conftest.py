@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Megatron GPTModel on CPU (gloo, world size 1) and a char tokenizer."""
+"""Shared fixtures: a real Megatron GPTModel on CPU (gloo, world size 1), a char tokenizer, the demo's data
+and a tiny GPT-2 trained on it."""
 
 from __future__ import annotations
 
@@ -110,3 +111,77 @@ def demo_data(tmp_path_factory):
     from demo_data import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo-data"))
+
+
+TRAINED_WINDOW = 256
+"""Context window (learned positions) of `trained_gpt2`, in tokens."""
+
+TRAINED_PADDING = 47
+"""Padded vocabulary rows of `trained_gpt2`: as many as Megatron adds to GPT-2's 50257 tokens (50304)."""
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2(megatron_world, demo_data):
+    """A tiny GPT-2 Megatron GPTModel trained on the demo corpus (`train_tiny_gpt2`); shared: do not modify it."""
+    return train_tiny_gpt2(demo_data)
+
+
+def train_tiny_gpt2(data, *, steps: int = 800, batch_size: int = 2, lr: float = 3e-3, seed: int = 0):
+    """A 2-layer, 64-wide GPT-2-architecture Megatron GPTModel (learned absolute positions, LayerNorm,
+    GELU, biases, tied embeddings, padded vocabulary), trained on CPU on the demo's data; in eval mode.
+
+    Trained by this plain loop rather than by Megatron's training loop: the loop's checkpoints in
+    this suite come from a few iterations (not trained), and training long enough to learn through
+    torchrun would add minutes. This loop reads what Megatron's reads, the demo's indexed dataset
+    (documents joined by end-of-document tokens), in random windows of TRAINED_WINDOW tokens, so
+    every position HELM's prompts use is trained. 800 AdamW steps of 2 windows (0.4 M tokens, about
+    three quarters of the corpus; small batches learn far more per token here than large ones)
+    take about 20 s of CPU time. The model then knows the demo's facts (all 60 ``demo_facts``
+    questions right by HELM's separate-choice scoring) and continues HELM's prompts with varied,
+    corpus-like text; it is a poor reader (its BoolQ and MMLU-joint answers are mostly one guess),
+    which does not matter for comparing two implementations.
+
+    The loss covers the tokenizer's vocabulary only, as the engine and the Hugging Face export do:
+    the padded rows are never input and never in the loss, so they keep their random initial
+    values, and an engine that let them into the softmax moves log-probabilities by up to about
+    1e-2 on this model (see the fidelity test's mutant check). Seeded: the same weights on every
+    run on the same machine.
+    """
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    vocab_size, length = 2048, TRAINED_WINDOW  # the demo tokenizer's vocabulary
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    model = GPTModel(
+        config,
+        get_gpt_layer_local_spec(),
+        vocab_size=vocab_size + TRAINED_PADDING,
+        max_sequence_length=length,
+        position_embedding_type="learned_absolute",
+        share_embeddings_and_output_weights=True,
+    )
+    documents = IndexedDataset(str(data.data_prefix))
+    stream = torch.from_numpy(np.concatenate([documents[i] for i in range(len(documents))]).astype(np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    positions = torch.arange(length).expand(batch_size, length)
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1).view(1, 1, length, length)
+    model.train()
+    for step in range(steps):
+        starts = torch.randint(0, len(stream) - length - 1, (batch_size,), generator=generator).tolist()
+        windows = torch.stack([stream[start : start + length + 1] for start in starts])
+        for group in optimizer.param_groups:  # 20 steps of warmup, then linear decay to a tenth
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (1.0 - 0.9 * step / steps)
+        logits = model(windows[:, :-1], positions, causal)[..., :vocab_size]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size).float(), windows[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
