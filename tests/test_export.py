@@ -8,22 +8,18 @@ import torch
 from megatron_eval_hook.export import NotGPT2, to_hf_gpt2
 
 
-def megatron_gpt2(
-    vocab_size: int, *, tied: bool = True, seed: int = 3, max_sequence_length: int = 64, init_std: float = 0.02
-):
+def megatron_gpt2(vocab_size: int, *, tied: bool = True, seed: int = 3):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     torch.manual_seed(seed)
-    config = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True, init_method_std=init_std
-    )
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True)
     model = GPTModel(
         config,
         get_gpt_layer_local_spec(),
         vocab_size=vocab_size + 3,  # Megatron pads the vocabulary
-        max_sequence_length=max_sequence_length,
+        max_sequence_length=64,
         position_embedding_type="learned_absolute",
         share_embeddings_and_output_weights=tied,
     )
