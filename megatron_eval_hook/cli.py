@@ -57,11 +57,12 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _export_hf(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.checkpoints import CheckpointError
     from megatron_eval_hook.export import NotGPT2, export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, vocab_file=args.vocab_file, merge_file=args.merge_file)
-    except (FileNotFoundError, NotGPT2) as error:
+    except (FileNotFoundError, NotGPT2, CheckpointError) as error:
         print(f"megatron-eval export-hf: {error}", file=sys.stderr)
         return 2
     print(f"wrote a Hugging Face GPT-2 model and tokenizer to {out}")

@@ -105,16 +105,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
     """The full model tensors (per-layer names, as in a live model's state_dict) and the Megatron
     arguments of a torch_dist checkpoint: a save folder (its latest iteration) or an `iter_*` folder."""
     import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    folder = Path(path)
-    tracker = folder / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        folder = folder / f"iter_{int(tracker.read_text().strip()):07d}"
-    if not (folder / ".metadata").is_file():
-        raise FileNotFoundError(f"{folder} is not a torch_dist checkpoint (no .metadata file)")
-    args = load_common_state_dict(str(folder))["args"]
+    from megatron_eval_hook.checkpoints import checkpoint_folder, read_args
+
+    folder = checkpoint_folder(path)
+    args = read_args(folder)
     reader = dcp.FileSystemReader(str(folder))
     stored = reader.read_metadata().state_dict_metadata
     tensors = {
