@@ -16,27 +16,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
 from megatron_eval_hook.helm.benchmarks import Benchmark
+from megatron_eval_hook.helm.data import ScenarioData
 from megatron_eval_hook.ledger import MetricValue
 
 MODEL_ORG = "megatron_eval_hook"
-
-# Files each scenario reads from its data folder; HELM downloads any that is missing, which
-# fails on an air-gapped cluster, so the hook checks them before training starts.
-_REQUIRED_DATA = {
-    "mmlu": lambda args: [f"data/dev/{args['subject']}_dev.csv", f"data/test/{args['subject']}_test.csv"],
-    "boolq": lambda args: ["data/train", "data/dev", "data/boolq_perturbed.jsonl"],
-    "narrativeqa": lambda args: [
-        "data/narrativeqa-master/qaps.csv",
-        "data/narrativeqa-master/third_party/wikipedia/summaries.csv",
-    ],
-    "hellaswag": lambda args: ["data/hellaswag_train.jsonl", "data/hellaswag_val.jsonl"],
-}
 
 
 class BenchmarkError(RuntimeError):
@@ -182,46 +171,29 @@ class HelmSuite:
     def _prepare(
         self, benchmark: Benchmark, deployment: str, max_eval_instances: int, num_train_trials: int
     ) -> PreparedBenchmark:
-        from helm.benchmark.presentation.run_entry import RunEntry
-        from helm.benchmark.run import run_entries_to_run_specs
         from helm.benchmark.scenarios.scenario import create_scenario
 
         specs = []
         metadata = None
-        for entry in benchmark.run_entries:
-            where = f"benchmark {benchmark.name!r} (run entry {entry!r})"
-            try:
-                separator = "," if ":" in entry else ":"
-                found = run_entries_to_run_specs(
-                    [RunEntry(description=f"{entry}{separator}model={deployment}", priority=1, groups=None)],
-                    max_eval_instances=max_eval_instances,
-                    num_train_trials=num_train_trials,
+        for where, spec in run_specs(benchmark, deployment, max_eval_instances, num_train_trials):
+            scenario = create_scenario(spec.scenario_spec)
+            missing = ScenarioData.of(where, scenario.name, spec.scenario_spec).missing(self.data_dir)
+            if missing:
+                raise BenchmarkError(
+                    f"{where} needs HELM data of scenario {scenario.name!r} that is missing from data_dir "
+                    f"{self.data_dir}: {', '.join(map(str, missing))}. Fix: put the scenario's files there in HELM's "
+                    f"layout (<data_dir>/{scenario.name}/... as in HELM's benchmark_output/scenarios/; "
+                    "`megatron-eval prepare-data` fetches them), or set data_dir."
                 )
-            except Exception as error:
-                raise BenchmarkError(f"{where} is not a HELM run entry: {error}. Fix: {_suggest(entry)}") from error
-            for spec in found:
-                scenario = create_scenario(spec.scenario_spec)
-                self._check_data(where, scenario.name, spec.scenario_spec.args)
-                try:
-                    metadata = metadata or scenario.get_metadata()
-                except NotImplementedError as error:
-                    raise BenchmarkError(
-                        f"{where}: HELM scenario {scenario.name!r} declares no main metric, so the hook cannot "
-                        "tell which score to report. Fix: use a scenario with metadata."
-                    ) from error
-                specs.append(replace(spec, name=spec.name.replace("/", "_")))
+            try:
+                metadata = metadata or scenario.get_metadata()
+            except NotImplementedError as error:
+                raise BenchmarkError(
+                    f"{where}: HELM scenario {scenario.name!r} declares no main metric, so the hook cannot "
+                    "tell which score to report. Fix: use a scenario with metadata."
+                ) from error
+            specs.append(replace(spec, name=spec.name.replace("/", "_")))
         return PreparedBenchmark(benchmark, tuple(specs), metadata.main_metric, metadata.main_split)
-
-    def _check_data(self, where: str, scenario: str, args: dict) -> None:
-        folder = self.data_dir / scenario
-        required = _REQUIRED_DATA.get(scenario, lambda _: [""])(args)
-        missing = [str(folder / r) for r in required if not (folder / r).exists()]
-        if missing:
-            raise BenchmarkError(
-                f"{where} needs HELM data of scenario {scenario!r} that is missing from data_dir "
-                f"{self.data_dir}: {', '.join(missing)}. Fix: put the scenario's files there in HELM's layout "
-                f"(<data_dir>/{scenario}/... as in HELM's benchmark_output/scenarios/), or set data_dir."
-            )
 
     def _stage_data(self) -> None:
         scenarios = self.helm_dir / "scenarios"
@@ -233,13 +205,16 @@ class HelmSuite:
             if not link.exists():
                 link.symlink_to(source, target_is_directory=True)
 
-    def evaluate(self, model, iteration: int) -> Iterator[BenchmarkOutcome]:
-        """For each benchmark: (benchmark, its metrics or the error, seconds taken) at `iteration`."""
+    def evaluate(self, model, iteration: int, only: Collection[str] | None = None) -> Iterator[BenchmarkOutcome]:
+        """For each benchmark (or each named in `only`): (benchmark, its metrics or the error, seconds taken)
+        at `iteration`."""
         from helm.benchmark.runner import set_benchmark_output_path
 
         set_benchmark_output_path(str(self.helm_dir))
         runner = _batching_runner(model, self.helm_dir, suite=f"iter_{iteration:07d}")
         for prepared in self.benchmarks:
+            if only is not None and prepared.name not in only:
+                continue
             started = time.perf_counter()
             try:
                 per_run = [self._run(runner, spec, prepared) for spec in prepared.run_specs]
@@ -259,6 +234,42 @@ class HelmSuite:
                 "for this scenario."
             )
         return stats
+
+
+def run_specs(
+    benchmark: Benchmark, deployment: str, max_eval_instances: int, num_train_trials: int = 1
+) -> Iterator[tuple[str, object]]:
+    """The HELM RunSpecs of `benchmark`'s run entries for the model `deployment`, each with a
+    description of where it came from; BenchmarkError for an entry HELM does not know."""
+    from helm.benchmark.presentation.run_entry import RunEntry
+    from helm.benchmark.run import run_entries_to_run_specs
+
+    for entry in benchmark.run_entries:
+        where = f"benchmark {benchmark.name!r} (run entry {entry!r})"
+        try:
+            separator = "," if ":" in entry else ":"
+            found = run_entries_to_run_specs(
+                [RunEntry(description=f"{entry}{separator}model={deployment}", priority=1, groups=None)],
+                max_eval_instances=max_eval_instances,
+                num_train_trials=num_train_trials,
+            )
+        except Exception as error:
+            raise BenchmarkError(f"{where} is not a HELM run entry: {error}. Fix: {_suggest(entry)}") from error
+        for spec in found:
+            yield where, spec
+
+
+def benchmark_data(benchmarks: list[Benchmark]) -> list[ScenarioData]:
+    """What the run entries of `benchmarks` read from data_dir, one item per HELM run."""
+    from helm.benchmark.scenarios.scenario import create_scenario
+
+    deployment = register_deployment("data_check", 2048)  # run specs name a model; any registered one does
+    items = []
+    for benchmark in benchmarks:
+        for where, spec in run_specs(benchmark, deployment, max_eval_instances=1):
+            scenario = create_scenario(spec.scenario_spec)
+            items.append(ScenarioData.of(where, scenario.name, spec.scenario_spec))
+    return items
 
 
 def _batching_runner(model, helm_dir: Path, suite: str):
