@@ -25,11 +25,17 @@ def add_eval_hook_args(inner: ArgsProvider | None = None) -> ArgsProvider:
 
     `--eval-hook-config PATH` turns the hook on; `--eval-hook-override key=value` (repeatable)
     changes one config key, in Hydra's override syntax.
+
+    The provider also makes a job restarted from a checkpoint log into the W&B run it logged to
+    before: Megatron opens its W&B run right after parsing, before `install`, so this is set up here.
     """
 
     def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if inner is not None:
             parser = inner(parser)
+        from megatron_eval_hook.sinks.wandb import resume_megatron_run
+
+        resume_megatron_run()
         if any("--eval-hook-config" in action.option_strings for action in parser._actions):
             return parser  # added already (a patched script run through the launcher)
         group = parser.add_argument_group(title="megatron_eval_hook")

@@ -89,14 +89,22 @@ class EvalHookConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> EvalHookConfig:
-    """Compose `path` with Hydra, apply `overrides`, and validate against `EvalHookConfig`."""
+def load_config(
+    path: str | os.PathLike[str],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    flags: tuple[str, str] = ("--eval-hook-config", "--eval-hook-override"),
+) -> EvalHookConfig:
+    """Compose `path` with Hydra, apply `overrides`, and validate against `EvalHookConfig`.
+
+    `flags`: the command-line flags that gave the path and the overrides, named in error messages."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     source = Path(path).expanduser().resolve()
-    where = f"--eval-hook-config {path}" + (f" with overrides {list(overrides)}" if overrides else "")
+    config_flag, override_flag = flags
+    where = f"{config_flag} {path}" + (f" with overrides {list(overrides)}" if overrides else "")
     if not source.is_file():
         raise ConfigError(f"{where}: no such file {source}. Fix: pass the path of a YAML file such as conf/helm.yaml.")
     if source.suffix not in (".yaml", ".yml"):
@@ -104,7 +112,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"{where}: override {item!r} has no '='. Fix: write --eval-hook-override key=value, "
+                f"{where}: override {item!r} has no '='. Fix: write {override_flag} key=value, "
                 "e.g. schedule.every=1000."
             )
 
@@ -129,6 +137,21 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
             GlobalHydra.instance().initialize(saved)
     check_config(config, where)
     return config
+
+
+def resolve_output_dir(config: EvalHookConfig, save: str | os.PathLike[str]) -> Path:
+    """The folder of HELM's outputs and the W&B run id (and the ledger by default): `output_dir`, else
+    `<save>/eval_hook`, for the run saving into `save`."""
+    return Path(config.output_dir or Path(save) / "eval_hook").resolve()
+
+
+def resolve_ledger(config: EvalHookConfig, save: str | os.PathLike[str]) -> Path:
+    return Path(config.ledger).resolve() if config.ledger else resolve_output_dir(config, save) / "ledger.sqlite"
+
+
+def resolve_run_name(config: EvalHookConfig, megatron_args: Any, save: str | os.PathLike[str]) -> str:
+    """The run's name in the ledger: `run_name`, else `--wandb-exp-name`, else the save folder's name."""
+    return config.run_name or getattr(megatron_args, "wandb_exp_name", None) or Path(save).resolve().name
 
 
 def check_config(config: EvalHookConfig, where: str = "eval hook config") -> None:

@@ -20,13 +20,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from megatron_eval_hook.config import ConfigError, EvalHookConfig, load_config
+from megatron_eval_hook.checkpoints import is_last_save, tokens_seen
+from megatron_eval_hook.config import (
+    ConfigError,
+    EvalHookConfig,
+    load_config,
+    resolve_ledger,
+    resolve_output_dir,
+    resolve_run_name,
+)
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
 from megatron_eval_hook.ledger import Ledger
 from megatron_eval_hook.placement.sync import SyncPlacement
@@ -106,9 +113,9 @@ class EvalHook:
                 "--eval-hook-config is set but --save is not: the hook evaluates saved checkpoints. "
                 "Fix: pass --save DIR and --save-interval N."
             )
-        self.run = config.run_name or getattr(args, "wandb_exp_name", None) or Path(args.save).resolve().name
-        self.output_dir = Path(config.output_dir or Path(args.save) / "eval_hook").resolve()
-        self.ledger_path = Path(config.ledger).resolve() if config.ledger else self.output_dir / "ledger.sqlite"
+        self.run = resolve_run_name(config, args, args.save)
+        self.output_dir = resolve_output_dir(config, args.save)
+        self.ledger_path = resolve_ledger(config, args.save)
         self.rank = int(getattr(args, "rank", 0) or 0)
         self.world_size = int(getattr(args, "world_size", 1) or 1)
         self.evaluating_rank = self.world_size - 1  # Megatron's W&B rank
@@ -174,23 +181,12 @@ class EvalHook:
                 "multiple of --save-interval, or set schedule.final=true."
             )
 
-    def _is_final(self, iteration: int) -> bool:
-        args = self.args
-        exit_interval = getattr(args, "exit_interval", None)
-        return bool(
-            (args.train_iters and iteration >= args.train_iters) or (exit_interval and iteration % exit_interval == 0)
-        )
-
-    def _tokens(self) -> int | None:
-        samples = getattr(self.args, "consumed_train_samples", None)
-        return int(samples * self.args.seq_length) if samples else None
-
     def after_save(self, iteration: int, model: Any, non_persistent: bool = False) -> None:
         """Called on every rank after Megatron saved `iteration`. Never raises into training
         (but for KeyboardInterrupt/SystemExit)."""
         if non_persistent or getattr(self.args, "ckpt_convert_format", None):
             return  # not a training checkpoint: a non-persistent save, or a format-conversion job
-        event = SaveEvent(iteration, self._is_final(iteration), self._tokens())
+        event = SaveEvent(iteration, is_last_save(self.args, iteration), tokens_seen(self.args))
         if iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
             return
         self._evaluated.add(iteration)
