@@ -171,6 +171,17 @@ class Ledger:
             )
             return cursor.rowcount
 
+    def ok_benchmarks(self, run: str) -> dict[int, set[str]]:
+        """For each iteration of `run`, the benchmarks with an `ok` evaluation."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT DISTINCT iteration, benchmark FROM evaluations WHERE run = ? AND status = 'ok'", (run,)
+            ).fetchall()
+        done: dict[int, set[str]] = {}
+        for iteration, benchmark in rows:
+            done.setdefault(iteration, set()).add(benchmark)
+        return done
+
     def results(self, run: str | None = None, all_metrics: bool = False) -> list[dict[str, Any]]:
         """Every finished attempt, oldest first, as flat rows.
 

@@ -1,0 +1,188 @@
+"""Evaluate one checkpoint's weights with the HELM suite: ledger first, then the sinks.
+
+Shared by the hook's sync placement (the live training model) and `megatron-eval backfill`
+(a checkpoint loaded from disk). Each evaluated save gets one ledger row per benchmark, opened as
+`running` before anything is evaluated and closed as `ok` with its metrics or `failed` with the
+reason, even when the evaluation is interrupted (Ctrl-C). Only then do the scores go to the sinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any, Protocol
+
+from megatron_eval_hook.config import ConfigError, EvalHookConfig
+from megatron_eval_hook.engine import Engine
+from megatron_eval_hook.helm.benchmarks import Benchmark
+from megatron_eval_hook.helm.runner import BenchmarkError, HelmSuite
+from megatron_eval_hook.ledger import Ledger, MetricValue
+
+logger = logging.getLogger("megatron_eval_hook")
+
+
+class Sink(Protocol):
+    def log(self, iteration: int, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# What an evaluation runs on: the bare GPTModel and the run's Megatron tokenizer.
+ModelAndTokenizer = tuple[Any, Any]
+
+
+class Evaluator:
+    """Runs the HELM suite on a model's checkpoints and records each outcome."""
+
+    def __init__(
+        self,
+        config: EvalHookConfig,
+        benchmarks: list[Benchmark],
+        *,
+        run: str,
+        output_dir: Path,
+        ledger: Ledger,
+        max_sequence_length: int,
+        placement: str,
+        sinks: list[Sink],
+        where: str,
+    ):
+        self.config = config
+        self.run = run
+        self.ledger = ledger
+        self.placement = placement
+        self.sinks = sinks
+        self.max_sequence_length = max_sequence_length
+        self.model_key = re.sub(r"[^A-Za-z0-9_.-]", "_", run)
+        self._open: dict[str, int] = {}  # benchmark -> ledger id of its attempt still running
+        self._ids: list[int] = []  # ledger ids of the latest evaluation
+        self._scores: dict[str, float] = {}  # W&B key -> value of the latest evaluation
+        self._main: dict[str, float] = {}  # benchmark -> main score of the latest evaluation
+        self._duration_s = 0.0
+        self.failed: list[str] = []  # benchmarks that failed in the latest evaluation
+        try:
+            self.suite = HelmSuite(
+                benchmarks,
+                model_key=self.model_key,
+                data_dir=config.data_dir,
+                output_dir=output_dir,
+                max_sequence_length=max_sequence_length,
+                max_eval_instances=config.max_eval_instances,
+                num_train_trials=config.num_train_trials,
+            )
+        except BenchmarkError as error:
+            raise ConfigError(f"{where}: {error}") from error
+        closed = ledger.close_interrupted(run)
+        if closed:
+            logger.info("ledger: %d evaluation(s) of run %r were interrupted earlier; marked failed", closed, run)
+
+    @property
+    def benchmark_names(self) -> list[str]:
+        return [prepared.name for prepared in self.suite.benchmarks]
+
+    def evaluate(
+        self,
+        iteration: int,
+        tokens: int | None,
+        model: Callable[[], ModelAndTokenizer],
+        only: Collection[str] | None = None,
+    ) -> None:
+        """Evaluate the weights saved at `iteration` on every benchmark (or those named in `only`).
+
+        `model()` gives the GPTModel and tokenizer; it is called after the ledger rows are opened,
+        so a model that cannot be produced (an unreadable checkpoint) is recorded as a failure too."""
+        from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer, register_model
+
+        chosen = [p for p in self.suite.benchmarks if only is None or p.name in only]
+        self._scores, self._main, self._duration_s, self.failed = {}, {}, 0.0, []
+        self._open = {
+            prepared.name: self.ledger.begin(
+                self.run,
+                iteration,
+                prepared.name,
+                placement=self.placement,
+                tokens=tokens,
+                main_metric=prepared.main_metric,
+                main_split=prepared.main_split,
+            )
+            for prepared in chosen
+        }
+        self._ids = list(self._open.values())
+        try:
+            gpt, tokenizer = model()
+            gpt.eval()
+            engine = Engine(
+                gpt,
+                vocab_size=tokenizer.vocab_size,
+                max_sequence_length=self.max_sequence_length,
+                batch_size=self.config.engine.batch_size,
+                end_of_text=getattr(tokenizer, "eod", None),
+            )
+            in_process = InProcessModel(engine, MegatronTokenizer(tokenizer))
+            register_model(self.model_key, in_process)
+            for prepared, outcome, seconds in self.suite.evaluate(in_process, iteration, only=only):
+                self._close(prepared, outcome, seconds)
+        except BaseException as error:
+            reason = (
+                "interrupted: the evaluation was stopped (Ctrl-C) before this benchmark finished"
+                if isinstance(error, KeyboardInterrupt)
+                else f"{type(error).__name__}: {error}"
+            )
+            for name, evaluation_id in self._open.items():
+                self.ledger.finish_failed(evaluation_id, reason, 0.0)
+                self.failed.append(name)
+            self._open.clear()
+            raise
+
+    def skip(self, iteration: int, tokens: int | None, reason: str) -> None:
+        """Record every benchmark of the save at `iteration` as skipped, with `reason`."""
+        for prepared in self.suite.benchmarks:
+            self.ledger.record_skipped(
+                self.run, iteration, prepared.name, reason, placement=self.placement, tokens=tokens
+            )
+        logger.info("iteration %d: not evaluated: %s", iteration, reason)
+
+    def _close(self, prepared: Any, outcome: list[MetricValue] | Exception, seconds: float) -> None:
+        evaluation_id = self._open.pop(prepared.name)
+        self._duration_s += seconds
+        if isinstance(outcome, Exception):
+            self.ledger.finish_failed(evaluation_id, f"{type(outcome).__name__}: {outcome}", seconds)
+            self.failed.append(prepared.name)
+            logger.warning("benchmark %s failed: %s", prepared.name, outcome)
+            return
+        self.ledger.finish_ok(evaluation_id, outcome, seconds)
+        for metric in outcome:
+            is_main = (metric.metric, metric.split) == (prepared.main_metric, prepared.main_split)
+            if is_main:
+                self._main[prepared.name] = metric.value
+            if is_main or (self.config.wandb.log_all_metrics and metric.split == prepared.main_split):
+                self._scores[f"eval/{prepared.name}/{metric.metric}"] = metric.value
+
+    def publish(self, iteration: int, blocked_s: float | None = None) -> None:
+        """Log the readable line and send the scores of the latest evaluation to the sinks.
+
+        `blocked_s`: how long training waited for this evaluation (None when it did not wait)."""
+        if blocked_s is not None:
+            self.ledger.set_blocked(self._ids, blocked_s)
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in self._main.items())
+        timing = f"evaluated in {self._duration_s:.1f} s"
+        if blocked_s is not None:
+            timing += f", training blocked {blocked_s:.1f} s"
+        logger.info("iteration %d: %s (%s)", iteration, scores or "no scores", timing)
+        values = {**self._scores, "eval/duration_s": self._duration_s}
+        if blocked_s is not None:
+            values["eval/blocked_s"] = blocked_s
+        for sink in self.sinks:
+            try:
+                sink.log(iteration, values)
+            except Exception:  # a sink failure loses nothing: the ledger already holds the scores
+                logger.exception("%s failed at iteration %d", type(sink).__name__, iteration)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:
+                logger.exception("%s failed to close", type(sink).__name__)
