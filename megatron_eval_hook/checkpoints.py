@@ -117,13 +117,14 @@ def tokens_seen(args: Any) -> int | None:
 def read_common_state(folder: Path) -> dict[str, Any]:
     """The non-tensor state of a torch_dist checkpoint (`args`, `iteration`, ...), without a process group."""
     from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     require_torch_dist(folder)
     try:
         state = load_common_state_dict(str(folder))
-    except Exception as error:
+    except (Exception, CheckpointException) as error:
         raise CheckpointError(
-            f"{folder}: the checkpoint cannot be read ({type(error).__name__}: {error}). Fix: check that the save "
+            f"{folder}: the checkpoint cannot be read ({describe_read_error(error)}). Fix: check that the save "
             "finished and the files are intact; delete or skip this iteration with --start/--end."
         ) from error
     if "args" not in state:
@@ -132,6 +133,14 @@ def read_common_state(folder: Path) -> dict[str, Any]:
             "Fix: pass a --save folder of megatron.training.pretrain."
         )
     return state
+
+
+def describe_read_error(error: BaseException) -> str:
+    """One line for an error of PyTorch's checkpoint reader (whose own text holds every rank's traceback)."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    return f"{type(error).__name__}: {error}"
 
 
 def read_args(folder: Path) -> Any:

@@ -1,10 +1,14 @@
-"""`megatron-eval`: command-line views of the ledger.
+"""`megatron-eval`: command-line views of the ledger, and evaluation outside training.
 
 megatron-eval results --ledger PATH [--run NAME] [--all-metrics] [--format table|json]
 megatron-eval baselines --config conf/baselines.yaml [--ledger PATH] [--no-wandb]
 megatron-eval leaderboard --ledger PATH [--runs NAME ...] [--pick latest|best]
                           [--format table|markdown|csv|json] [--wandb]
 megatron-eval report --ledger PATH --out report.html
+megatron-eval backfill --checkpoints SAVE_DIR --config conf/helm.yaml [--override key=value ...]
+    [--start N] [--end M] [--every K] [--follow [--poll-s S]]
+megatron-eval check-data --config conf/helm.yaml [--override key=value ...] [--data-dir DIR]
+megatron-eval prepare-data --config conf/helm.yaml [--override key=value ...] --data-dir DIR
 """
 
 from __future__ import annotations
@@ -214,8 +218,176 @@ def _add_view_commands(commands: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=_report)
 
 
+def _cli_config(args: argparse.Namespace):
+    """The config named by --config and --override; ConfigError names those flags."""
+    from megatron_eval_hook.config import load_config
+
+    return load_config(args.config, args.override, flags=("--config", "--override"))
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.checkpoints import CheckpointError, check_save_dir
+    from megatron_eval_hook.config import ConfigError, ScheduleConfig
+
+    command = "megatron-eval backfill"
+    try:
+        save_dir = check_save_dir(args.checkpoints, "--checkpoints")
+        config = _cli_config(args)
+        schedule = ScheduleConfig(
+            start=config.schedule.start if args.start is None else args.start,
+            end=config.schedule.end if args.end is None else args.end,
+            every=config.schedule.every if args.every is None else args.every,
+            final=config.schedule.final,
+        )
+        _check_schedule(schedule)
+        if args.poll_s <= 0:
+            raise ConfigError(f"--poll-s {args.poll_s} is not valid. Fix: poll every S > 0 seconds.")
+    except (CheckpointError, ConfigError) as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return 2
+    _log_to_stdout("[backfill] %(message)s")
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_eval_hook import cpu_shims
+
+        cpu_shims.apply()  # before Megatron is imported: evaluate on the CPU
+    from megatron_eval_hook.backfill import Backfill
+
+    backfill = None
+    try:
+        backfill = Backfill(
+            save_dir,
+            config,
+            schedule=schedule,
+            where=f"--config {args.config}",
+            tensorboard_dir=args.tensorboard_dir,
+            tokenizer_paths={"vocab_file": args.vocab_file, "merge_file": args.merge_file},
+        )
+        if args.follow:
+            backfill.follow(args.poll_s)
+        else:
+            backfill.run_once()
+    except (CheckpointError, ConfigError) as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: stopped (Ctrl-C); the ledger holds every evaluation that finished", file=sys.stderr)
+        return 130
+    finally:
+        if backfill is not None:
+            backfill.close()
+    if backfill.failures:
+        print(
+            f"{command}: {backfill.failures} benchmark evaluation(s) failed; the ledger says why "
+            f"(megatron-eval results --ledger {backfill.ledger.path})",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _check_schedule(schedule) -> None:
+    from megatron_eval_hook.config import ConfigError
+
+    if schedule.start < 0:
+        raise ConfigError(f"--start {schedule.start} is not valid. Fix: use an iteration >= 0.")
+    if schedule.every < 1:
+        raise ConfigError(f"--every {schedule.every} is not valid. Fix: use 1 (every checkpoint) or more.")
+    if schedule.end is not None and schedule.end < schedule.start:
+        raise ConfigError(f"--end {schedule.end} is before --start {schedule.start}. Fix: use --end >= --start.")
+
+
+def _log_to_stdout(fmt: str) -> None:
+    """The evaluation's own lines on stdout; libraries' import-time warnings and INFO chatter off."""
+    import logging
+    import warnings
+
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module="(megatron|torch)")
+    for name in ("absl", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    class CurrentStdout(logging.StreamHandler):
+        """Writes to whatever sys.stdout is when a line is logged."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.stream = sys.stdout
+            super().emit(record)
+
+    logger = logging.getLogger("megatron_eval_hook")
+    if not logger.handlers:
+        handler = CurrentStdout()
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _benchmark_data(args: argparse.Namespace, command: str):
+    """The config, and what its benchmarks read from data_dir; None after printing a config error."""
+    import logging
+
+    from megatron_eval_hook.config import ConfigError
+    from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
+    from megatron_eval_hook.helm.runner import BenchmarkError, benchmark_data
+
+    logging.getLogger("helm").setLevel(logging.WARNING)
+    try:
+        config = _cli_config(args)
+        try:
+            return config, benchmark_data(resolve_benchmarks(config.benchmarks, config.presets))
+        except (ValueError, BenchmarkError) as error:
+            raise ConfigError(f"--config {args.config}: benchmarks: {error}") from error
+    except ConfigError as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return None
+
+
+def _fetch_command(args: argparse.Namespace, data_dir: str = "DIR") -> str:
+    overrides = "".join(f" --override '{o}'" for o in args.override)
+    return f"megatron-eval prepare-data --config {args.config}{overrides} --data-dir {data_dir}"
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.helm.data import report
+
+    found = _benchmark_data(args, "megatron-eval check-data")
+    if found is None:
+        return 2
+    config, items = found
+    data_dir = args.data_dir or config.data_dir
+    text, complete = report(items, data_dir, _fetch_command(args))
+    print(f"data_dir {data_dir} ({'--data-dir' if args.data_dir else 'data_dir of ' + args.config})\n{text}")
+    return 0 if complete else 1
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.helm.data import fetch, report
+
+    found = _benchmark_data(args, "megatron-eval prepare-data")
+    if found is None:
+        return 2
+    _, items = found
+    problems = fetch(items, args.data_dir)
+    text, complete = report(items, args.data_dir, _fetch_command(args, args.data_dir))
+    print(text)
+    for problem in problems:
+        print(f"megatron-eval prepare-data: {problem}", file=sys.stderr)
+    return 0 if complete and not problems else 1
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the hook's YAML config (e.g. conf/helm.yaml)")
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="Hydra override of one config key"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-eval", description="Views of the evaluation ledger.")
+    parser = argparse.ArgumentParser(
+        prog="megatron-eval", description="Views of the evaluation ledger, and evaluation outside training."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     results = commands.add_parser("results", help="print every recorded evaluation")
     results.add_argument("--ledger", required=True, help="path of the ledger (ledger.sqlite)")
@@ -230,6 +402,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (default: the checkpoint's)")
     export.set_defaults(handler=_export_hf)
     _add_view_commands(commands)
+    backfill = commands.add_parser("backfill", help="evaluate checkpoints already on disk, as the hook would have")
+    backfill.add_argument("--checkpoints", required=True, help="the run's --save folder (torch_dist checkpoints)")
+    _add_config_flags(backfill)
+    backfill.add_argument("--start", type=int, default=None, help="first iteration (default: schedule.start)")
+    backfill.add_argument("--end", type=int, default=None, help="last iteration (default: schedule.end)")
+    backfill.add_argument("--every", type=int, default=None, help="every K iterations from --start (default: all)")
+    backfill.add_argument("--follow", action="store_true", help="keep evaluating new saves until --end or Ctrl-C")
+    backfill.add_argument("--poll-s", type=float, default=60.0, help="seconds between looks for new saves")
+    backfill.add_argument("--tensorboard-dir", default=None, help="TensorBoard folder (default: the run's)")
+    backfill.add_argument("--vocab-file", default=None, help="tokenizer vocab (default: the checkpoint's)")
+    backfill.add_argument("--merge-file", default=None, help="tokenizer merges (default: the checkpoint's)")
+    backfill.set_defaults(handler=_backfill)
+    check = commands.add_parser("check-data", help="check offline that every configured benchmark has its data")
+    _add_config_flags(check)
+    check.add_argument("--data-dir", default=None, help="the folder to check (default: the config's data_dir)")
+    check.set_defaults(handler=_check_data)
+    prepare = commands.add_parser("prepare-data", help="download every configured benchmark's data with HELM")
+    _add_config_flags(prepare)
+    prepare.add_argument("--data-dir", required=True, help="the folder to fill (HELM's layout)")
+    prepare.set_defaults(handler=_prepare_data)
     return parser
 
 

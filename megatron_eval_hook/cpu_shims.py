@@ -1,7 +1,7 @@
 """CPU shims: let the real Megatron-LM training loop run on a machine without CUDA.
 
-FOR THE CPU DEMO AND THE TESTS ONLY. The plugin itself never imports this module, and
-nothing here is needed (or applied) on a GPU machine.
+FOR THE CPU DEMO, THE TESTS, AND `megatron-eval backfill` ON A MACHINE WITHOUT CUDA. The hook
+itself never imports this module, and nothing here is needed (or applied) on a GPU machine.
 
 megatron-core 0.19.2 assumes CUDA in many places. ``apply()`` installs the smallest set of
 process-wide patches we measured (docs/research/megatron-cpu.md, sections 1-3 and 7) so that
