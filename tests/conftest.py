@@ -185,3 +185,14 @@ def train_tiny_gpt2(data, *, steps: int = 800, batch_size: int = 2, lr: float = 
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hooked(demo_data, tmp_path_factory):
+    """A tiny run of Megatron's real training loop with the hook (tests/training_runs.py): 7 iterations,
+    saves at 3, 6 and 7, each evaluated on boolq, facts and a benchmark that fails. Made once per session:
+    (its folder, the finished process)."""
+    from training_runs import data_with_a_broken_benchmark, hooked_run
+
+    data_dir = data_with_a_broken_benchmark(demo_data, tmp_path_factory.mktemp("data"))
+    return hooked_run(demo_data, tmp_path_factory.mktemp("hooked"), data_dir)

@@ -2,102 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
+import shutil
 from pathlib import Path
 
 import pytest
-from cpu_run import CPU_ARGS, PRETRAIN_GPT2, torchrun_command
+from training_runs import FACTS, REPO, ok, train
 from wandb_offline import read_run, run_files, series
 
 from megatron_eval_hook.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-FACTS = "facts=mmlu:subject=demo_facts,method=multiple_choice_separate_original"
-TINY = (
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--seq-length", "128", "--max-position-embeddings", "128",
-    "--micro-batch-size", "4", "--lr", "1e-3", "--seed", "7",
-    "--hidden-dropout", "0.1", "--attention-dropout", "0.1",  # on: an RNG mix-up would change the loss
-    "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000000", "--ckpt-format", "torch_dist",
-    "--tokenizer-type", "GPT2BPETokenizer", "--split", "100,0,0",
-)  # fmt: skip
-
-
-def train(
-    tmp: Path,
-    data,
-    *,
-    iterations: int,
-    save_interval: int,
-    nproc: int = 1,
-    hook: list[str] | None = None,
-    script: Path = PRETRAIN_GPT2,
-    launcher: bool = False,
-    megatron_wandb: bool = True,
-    timeout: int = 600,
-) -> subprocess.CompletedProcess:
-    """Run a tiny pretraining; `hook` are --eval-hook-override values (None: no hook)."""
-    args = [
-        *TINY, *CPU_ARGS, "--global-batch-size", str(4 * nproc),
-        "--train-iters", str(iterations), "--save-interval", str(save_interval), "--save", str(tmp / "checkpoints"),
-        "--vocab-file", str(data.vocab_file), "--merge-file", str(data.merge_file),
-        "--data-path", str(data.data_prefix), "--tensorboard-dir", str(tmp / "tensorboard"),
-    ]  # fmt: skip
-    if megatron_wandb:
-        args += ["--wandb-project", "tests", "--wandb-exp-name", "run", "--wandb-save-dir", str(tmp)]
-    if hook is not None:
-        args += ["--eval-hook-config", str(REPO / "conf" / "helm.yaml")]
-        for override in [f"data_dir={data.helm_dir}", f"output_dir={tmp / 'eval'}", "max_eval_instances=2", *hook]:
-            args += ["--eval-hook-override", override]
-    head = [str(REPO / "tests" / "cpu_launch.py"), str(script)] if launcher else [str(script)]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
-    return subprocess.run(
-        torchrun_command([*head, *args], nproc=nproc),
-        cwd=data.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return result
-
 
 def training_loss(tmp: Path) -> list[tuple[int, float]]:
     (path,) = run_files(tmp / "wandb")
     return series(read_run(path), "lm loss")
-
-
-@pytest.fixture(scope="module")
-def with_broken_benchmark(demo_data, tmp_path_factory) -> Path:
-    """The demo's HELM data plus an MMLU subject with no questions (its evaluation must fail)."""
-    root = tmp_path_factory.mktemp("data")
-    for scenario in ("boolq", "narrativeqa", "hellaswag"):
-        (root / scenario).symlink_to(demo_data.helm_dir / scenario)
-    for split in ("dev", "val", "test"):
-        folder = root / "mmlu" / "data" / split
-        folder.mkdir(parents=True)
-        for source in (demo_data.helm_dir / "mmlu" / "data" / split).iterdir():
-            (folder / source.name).symlink_to(source)
-        (folder / f"empty_{split}.csv").write_text("")
-    return root
-
-
-@pytest.fixture(scope="module")
-def hooked(demo_data, with_broken_benchmark, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hooked")
-    hook = [
-        f"benchmarks=[boolq,'{FACTS}','broken=mmlu:subject=empty']",
-        f"data_dir={with_broken_benchmark}",
-        "schedule.every=3",
-    ]
-    return tmp, ok(train(tmp, demo_data, iterations=7, save_interval=3, hook=hook))
 
 
 def test_every_scheduled_save_is_evaluated_once_per_benchmark(hooked):
@@ -222,3 +141,18 @@ def test_an_exported_checkpoint_scores_prompts_as_the_hook_did(hooked, tmp_path)
         read = len(tokenizer(f" {answer}")["input_ids"])  # the answer's tokens: all HELM reads, all the hook computes
         hooked_logprobs = [t["logprob"] for t in hook_tokens]
         assert torch.allclose(torch.tensor(exported[-read:]), torch.tensor(hooked_logprobs[-read:]), atol=1e-4)
+
+
+def test_a_job_restarted_from_its_checkpoint_logs_into_the_same_wandb_run(hooked, demo_data, tmp_path):
+    run, _ = hooked
+    shutil.copytree(run, tmp_path, symlinks=True, dirs_exist_ok=True)  # the first job: 7 iterations
+    hook = [f"benchmarks=[boolq,'{FACTS}']"]
+    # extended to 10 iterations: the learning-rate schedule follows the new --train-iters
+    resumed = ["--load", str(tmp_path / "checkpoints"), "--override-opt-param-scheduler"]
+    ok(train(tmp_path, demo_data, iterations=10, save_interval=3, hook=hook, extra=resumed))
+
+    first, second = (read_run(path) for path in run_files(tmp_path / "wandb"))  # offline: one file per job
+    assert first["id"] == second["id"] == (tmp_path / "eval" / "wandb_run_id").read_text().strip()
+    assert [step for step, _ in series(second, "lm loss")] == [8, 9, 10]
+    curve = [i for job in (first, second) for i, _ in series(job, "eval/facts/exact_match", x="eval/iteration")]
+    assert curve == [3, 6, 7, 9, 10]
