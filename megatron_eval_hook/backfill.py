@@ -20,6 +20,7 @@ TensorBoard keys, at the checkpoint's iteration.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -80,7 +81,6 @@ class Backfill:
         self.output_dir = resolve_output_dir(config, save_dir)
         self.ledger = Ledger(resolve_ledger(config, save_dir))
         self.run: str | None = None
-        self.evaluated = 0  # iterations evaluated by this backfill
         self.failures = 0  # benchmark evaluations that failed in this backfill
         self._evaluator: Any = None
         self._model: Any = None
@@ -175,9 +175,8 @@ class Backfill:
         only = set(self._evaluator.benchmark_names) - self.ledger.ok_benchmarks(self.run).get(iteration, set())
         try:
             args = read_args(folder)
-        except CheckpointError as error:
-            unreadable = error
-            self._attempt(iteration, None, lambda: _raise(unreadable), only)
+        except CheckpointError as error:  # recorded as this iteration's failure
+            self._attempt(iteration, None, functools.partial(_raise, error), only)
             return
         model = self._model_for(args, folder)  # a run-wide problem (tokenizer, architecture) stops the backfill
 
@@ -188,18 +187,17 @@ class Backfill:
         self._attempt(iteration, tokens_seen(args), load, only)
 
     def _attempt(self, iteration: int, tokens: int | None, load: Callable[[], Any], only: set[str]) -> None:
-        self.evaluated += 1
         try:
             self._evaluator.evaluate(iteration, tokens, load, only=only)
         except KeyboardInterrupt:
-            self.failures += len(self._evaluator.failed)
-            self._evaluator.publish(iteration)  # what finished before the interrupt is in the ledger: log it too
+            if len(self._evaluator.failed) < len(only):  # some finished before the interrupt: log them too
+                self._evaluator.publish(iteration)
             raise
         except Exception as error:
-            self.failures += len(self._evaluator.failed)
             print(f"megatron-eval backfill: iteration {iteration}: {error}", file=sys.stderr)
             return
-        self.failures += len(self._evaluator.failed)
+        finally:
+            self.failures += len(self._evaluator.failed)
         self._evaluator.publish(iteration)
 
     def _model_for(self, args: Any, folder: Path) -> Any:
@@ -260,3 +258,44 @@ class Backfill:
 
 def _raise(error: BaseException) -> Any:
     raise error
+
+
+def backfill_schedule(config: EvalHookConfig, start: int | None, end: int | None, every: int | None) -> ScheduleConfig:
+    """The config's schedule with --start, --end and --every in place of its own where given."""
+    schedule = ScheduleConfig(
+        start=config.schedule.start if start is None else start,
+        end=config.schedule.end if end is None else end,
+        every=config.schedule.every if every is None else every,
+        final=config.schedule.final,
+    )
+    if schedule.start < 0:
+        raise ConfigError(f"--start {schedule.start} is not valid. Fix: use an iteration >= 0.")
+    if schedule.every < 1:
+        raise ConfigError(f"--every {schedule.every} is not valid. Fix: use 1 (every checkpoint) or more.")
+    if schedule.end is not None and schedule.end < schedule.start:
+        raise ConfigError(f"--end {schedule.end} is before --start {schedule.start}. Fix: use --end >= --start.")
+    return schedule
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a line is logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def log_to_stdout(fmt: str) -> None:
+    """The evaluation's own lines on stdout; libraries' import-time warnings and INFO chatter off."""
+    import warnings
+
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module="(megatron|torch)")
+    for name in ("absl", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not logger.handlers:
+        handler = _CurrentStdout()
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False

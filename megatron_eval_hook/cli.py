@@ -226,34 +226,27 @@ def _cli_config(args: argparse.Namespace):
 
 
 def _backfill(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.backfill import Backfill, backfill_schedule, log_to_stdout
     from megatron_eval_hook.checkpoints import CheckpointError, check_save_dir
-    from megatron_eval_hook.config import ConfigError, ScheduleConfig
+    from megatron_eval_hook.config import ConfigError
 
     command = "megatron-eval backfill"
     try:
         save_dir = check_save_dir(args.checkpoints, "--checkpoints")
         config = _cli_config(args)
-        schedule = ScheduleConfig(
-            start=config.schedule.start if args.start is None else args.start,
-            end=config.schedule.end if args.end is None else args.end,
-            every=config.schedule.every if args.every is None else args.every,
-            final=config.schedule.final,
-        )
-        _check_schedule(schedule)
+        schedule = backfill_schedule(config, args.start, args.end, args.every)
         if args.poll_s <= 0:
             raise ConfigError(f"--poll-s {args.poll_s} is not valid. Fix: poll every S > 0 seconds.")
     except (CheckpointError, ConfigError) as error:
         print(f"{command}: {error}", file=sys.stderr)
         return 2
-    _log_to_stdout("[backfill] %(message)s")
+    log_to_stdout("[backfill] %(message)s")
     import torch
 
     if not torch.cuda.is_available():
         from megatron_eval_hook import cpu_shims
 
         cpu_shims.apply()  # before Megatron is imported: evaluate on the CPU
-    from megatron_eval_hook.backfill import Backfill
-
     backfill = None
     try:
         backfill = Backfill(
@@ -285,43 +278,6 @@ def _backfill(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
-
-
-def _check_schedule(schedule) -> None:
-    from megatron_eval_hook.config import ConfigError
-
-    if schedule.start < 0:
-        raise ConfigError(f"--start {schedule.start} is not valid. Fix: use an iteration >= 0.")
-    if schedule.every < 1:
-        raise ConfigError(f"--every {schedule.every} is not valid. Fix: use 1 (every checkpoint) or more.")
-    if schedule.end is not None and schedule.end < schedule.start:
-        raise ConfigError(f"--end {schedule.end} is before --start {schedule.start}. Fix: use --end >= --start.")
-
-
-def _log_to_stdout(fmt: str) -> None:
-    """The evaluation's own lines on stdout; libraries' import-time warnings and INFO chatter off."""
-    import logging
-    import warnings
-
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module="(megatron|torch)")
-    for name in ("absl", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    class CurrentStdout(logging.StreamHandler):
-        """Writes to whatever sys.stdout is when a line is logged."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.stream = sys.stdout
-            super().emit(record)
-
-    logger = logging.getLogger("megatron_eval_hook")
-    if not logger.handlers:
-        handler = CurrentStdout()
-        handler.setFormatter(logging.Formatter(fmt))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def _benchmark_data(args: argparse.Namespace, command: str):
