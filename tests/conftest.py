@@ -36,6 +36,9 @@ def _hermetic_wandb(tmp_path, monkeypatch):
         ("WANDB_CONFIG_DIR", "wandb-config"),
     ):
         monkeypatch.setenv(variable, str(tmp_path / folder))
+    yield
+    if "wandb" in sys.modules:  # W&B keeps its settings (the folders above) process-wide until torn down
+        sys.modules["wandb"].teardown()
 
 
 @pytest.fixture(scope="session")
