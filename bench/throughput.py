@@ -66,7 +66,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +83,7 @@ sys.path.insert(0, str(EXAMPLES))  # the demo's data generator
 import torch  # noqa: E402
 
 from megatron_eval_hook.helm.benchmarks import LITE_MMLU_SUBJECTS  # noqa: E402
+from megatron_eval_hook.helm.reference import register_hf_deployment  # noqa: E402
 
 SCORING, GENERATION = "scoring", "generation"
 SEPARATE = "method=multiple_choice_separate_original"
@@ -286,40 +286,6 @@ def export_hf(model: torch.nn.Module, data: Data, tokenizer: Any, folder: Path) 
     to_hf_gpt2(model, vocab_size=tokenizer.vocab_size, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     return folder
-
-
-def register_hf_deployment(folder: Path, device: str) -> str:
-    """HELM's HuggingFaceClient and HuggingFaceTokenizer on the exported folder, as a local deployment."""
-    from helm.benchmark.model_deployment_registry import ClientSpec, ModelDeployment, register_model_deployment
-    from helm.benchmark.model_metadata_registry import TEXT_MODEL_TAG, ModelMetadata, register_model_metadata
-    from helm.benchmark.tokenizer_config_registry import TokenizerConfig, TokenizerSpec, register_tokenizer_config
-
-    name = "bench/exported-gpt2"
-    register_model_metadata(
-        ModelMetadata(name=name, creator_organization_name="bench", display_name=name, description="",
-                      access="open", release_date=date.today(), tags=[TEXT_MODEL_TAG])
-    )  # fmt: skip
-    register_tokenizer_config(
-        TokenizerConfig(
-            name=f"{name}-tokenizer",
-            tokenizer_spec=TokenizerSpec(
-                class_name="helm.tokenizers.huggingface_tokenizer.HuggingFaceTokenizer",
-                args={"pretrained_model_name_or_path": str(folder)},
-            ),
-            end_of_text_token="<|endoftext|>",
-            prefix_token="<|endoftext|>",
-        )
-    )
-    register_model_deployment(
-        ModelDeployment(
-            name=name, model_name=name, tokenizer_name=f"{name}-tokenizer", max_sequence_length=CONTEXT,
-            client_spec=ClientSpec(
-                class_name="helm.clients.huggingface_client.HuggingFaceClient",
-                args={"pretrained_model_name_or_path": str(folder), "device": "cuda:0" if device == "cuda" else "cpu"},
-            ),
-        )
-    )  # fmt: skip
-    return name
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -756,7 +722,12 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     if {"helm_hf", "lm_eval"} & set(args.engines):
         folder = export_hf(model, data, tokenizer, work / "hf_model")
     if "helm_hf" in args.engines:
-        deployment = register_hf_deployment(folder, args.device)
+        deployment = register_hf_deployment(
+            folder,
+            name="bench/exported-gpt2",
+            max_sequence_length=CONTEXT,
+            device="cuda:0" if args.device == "cuda" else "cpu",
+        )
         engines.append(HelmHF(deployment, work / "ours" / "helm", args.helm_threads, count_reference))
     if "lm_eval" in args.engines:
         engines.append(LmEval(folder, args.device, args.batch_size))

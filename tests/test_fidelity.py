@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.export import gpt2_tokenizer, to_hf_gpt2
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
 from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer, register_model
+from megatron_eval_hook.helm.reference import register_hf_deployment
 from megatron_eval_hook.helm.runner import HelmSuite
 
 pytestmark = pytest.mark.slow
@@ -81,40 +81,6 @@ cannot serve as their reference: it reports the log-probabilities of generated t
 temperature of 1e-7, so 0.0 for every greedy token; there the log-probabilities behind them are
 checked against the exported model itself (`test_generated_logprobs_match_the_exported_model`).
 Every other statistic (scores, predicted indices, token counts, finish reasons) must be identical."""
-
-
-def register_hf_deployment(folder: Path) -> str:
-    """HELM's reference path: its HuggingFaceClient and HuggingFaceTokenizer on a local folder."""
-    from helm.benchmark.model_deployment_registry import ClientSpec, ModelDeployment, register_model_deployment
-    from helm.benchmark.model_metadata_registry import TEXT_MODEL_TAG, ModelMetadata, register_model_metadata
-    from helm.benchmark.tokenizer_config_registry import TokenizerConfig, TokenizerSpec, register_tokenizer_config
-
-    name = "reference/exported-gpt2"
-    register_model_metadata(
-        ModelMetadata(name=name, creator_organization_name="reference", display_name=name, description="",
-                      access="open", release_date=date.today(), tags=[TEXT_MODEL_TAG])
-    )  # fmt: skip
-    register_tokenizer_config(
-        TokenizerConfig(
-            name=f"{name}-tokenizer",
-            tokenizer_spec=TokenizerSpec(
-                class_name="helm.tokenizers.huggingface_tokenizer.HuggingFaceTokenizer",
-                args={"pretrained_model_name_or_path": str(folder)},
-            ),
-            end_of_text_token="<|endoftext|>",
-            prefix_token="<|endoftext|>",
-        )
-    )
-    register_model_deployment(
-        ModelDeployment(
-            name=name, model_name=name, tokenizer_name=f"{name}-tokenizer", max_sequence_length=WINDOW,
-            client_spec=ClientSpec(
-                class_name="helm.clients.huggingface_client.HuggingFaceClient",
-                args={"pretrained_model_name_or_path": str(folder), "device": "cpu"},
-            ),
-        )
-    )  # fmt: skip
-    return name
 
 
 def run_reference(specs, output: Path, data_dir: Path, deployment: str) -> Path:
@@ -180,7 +146,12 @@ def both_paths(trained_gpt2, demo_data, tmp_path_factory) -> Paths:
     hf_tokenizer = gpt2_tokenizer(demo_data.vocab_file, demo_data.merge_file)
     to_hf_gpt2(trained_gpt2, vocab_size=VOCAB, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
-    theirs = run_reference(specs, tmp / "theirs", demo_data.helm_dir, register_hf_deployment(folder))
+    theirs = run_reference(
+        specs,
+        tmp / "theirs",
+        demo_data.helm_dir,
+        register_hf_deployment(folder, name="reference/exported-gpt2", max_sequence_length=WINDOW),
+    )
     return Paths(ours, theirs, specs, tokenizer, folder)
 
 

@@ -1,0 +1,46 @@
+"""HELM's own reference path for an exported model: its `HuggingFaceClient` and `HuggingFaceTokenizer`
+on a local Hugging Face folder (`megatron-eval export-hf`), registered as a model deployment.
+
+The hook's scores are checked against this path (tests/test_fidelity.py) and its speed is measured
+against it (bench/throughput.py); it also lets a user run HELM's `Runner` on an exported checkpoint.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+
+def register_hf_deployment(folder: Path, *, name: str, max_sequence_length: int, device: str = "cpu") -> str:
+    """Register `folder` with HELM as the local deployment `name`, offline; return the deployment's name."""
+    from helm.benchmark.model_deployment_registry import ClientSpec, ModelDeployment, register_model_deployment
+    from helm.benchmark.model_metadata_registry import TEXT_MODEL_TAG, ModelMetadata, register_model_metadata
+    from helm.benchmark.tokenizer_config_registry import TokenizerConfig, TokenizerSpec, register_tokenizer_config
+
+    organization = name.split("/", 1)[0]
+    register_model_metadata(
+        ModelMetadata(name=name, creator_organization_name=organization, display_name=name, description="",
+                      access="open", release_date=date.today(), tags=[TEXT_MODEL_TAG])
+    )  # fmt: skip
+    tokenizer = f"{name}-tokenizer"
+    register_tokenizer_config(
+        TokenizerConfig(
+            name=tokenizer,
+            tokenizer_spec=TokenizerSpec(
+                class_name="helm.tokenizers.huggingface_tokenizer.HuggingFaceTokenizer",
+                args={"pretrained_model_name_or_path": str(folder)},
+            ),
+            end_of_text_token="<|endoftext|>",
+            prefix_token="<|endoftext|>",
+        )
+    )
+    register_model_deployment(
+        ModelDeployment(
+            name=name, model_name=name, tokenizer_name=tokenizer, max_sequence_length=max_sequence_length,
+            client_spec=ClientSpec(
+                class_name="helm.clients.huggingface_client.HuggingFaceClient",
+                args={"pretrained_model_name_or_path": str(folder), "device": device},
+            ),
+        )
+    )  # fmt: skip
+    return name
