@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import CharTokenizer, tiny_gpt
 
 from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
@@ -120,3 +126,196 @@ def test_a_benchmark_without_instances_fails_alone(tmp_path, demo_data, in_proce
     (first, error, _), (second, metrics, _) = suite.evaluate(in_process, iteration=2)
     assert isinstance(error, BenchmarkError) and "zero instances" in str(error)
     assert not isinstance(metrics, Exception)
+
+
+# Evaluations in a warm process: what is kept from one evaluation to the next must never be stale.
+
+
+def metrics_of(outcomes) -> dict:
+    """Every metric of every benchmark, but the timings, which differ from one run to the next."""
+    table = {}
+    for prepared, metrics, _ in outcomes:
+        assert not isinstance(metrics, Exception), metrics
+        for m in metrics:
+            if "runtime" not in m.metric:
+                table[(prepared.name, m.metric, m.split)] = (m.value, m.count)
+    return table
+
+
+def in_process_model(gpt, tokenizer, key="suite-test", window=1024) -> InProcessModel:
+    model = InProcessModel(
+        Engine(gpt, vocab_size=CharTokenizer.vocab_size, max_sequence_length=window, batch_size=16), tokenizer
+    )
+    register_model(key, model)
+    return model
+
+
+def fresh_process_metrics(tmp_path, demo_data, gpt, benchmarks, **kwargs) -> subprocess.Popen:
+    """Start `tests/helm_fresh_process.py` on the weights of `gpt`; `fresh_result` reads its metrics."""
+    tmp_path.mkdir(parents=True)
+    torch.save(gpt.state_dict(), tmp_path / "weights.pt")
+    spec = {
+        "model_key": "suite-test",
+        "weights": str(tmp_path / "weights.pt"),
+        "data_dir": str(demo_data.helm_dir),
+        "output_dir": str(tmp_path / "out"),
+        "benchmarks": benchmarks,
+        "max_eval_instances": 4,
+        "max_sequence_length": 1024,
+        "iteration": 1,
+        **kwargs,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    script = Path(__file__).parent / "helm_fresh_process.py"
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "spec.json")], stdout=subprocess.PIPE, text=True
+    )
+
+
+def fresh_result(process: subprocess.Popen) -> dict:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0
+    rows = json.loads(out.strip().splitlines()[-1])
+    return {(b, metric, split): (value, count) for b, metric, split, value, count in rows if "runtime" not in metric}
+
+
+CHEAP = ["boolq", "facts=mmlu:subject=demo_facts,method=multiple_choice_separate_original", "mmlu:subject=demo_facts"]
+
+
+@pytest.mark.slow
+def test_warm_evaluations_score_as_fresh_processes_do(tmp_path, demo_data, gpt, char_tokenizer):
+    other = tiny_gpt(char_tokenizer.vocab_size, max_sequence_length=1024, seed=1)  # the next "checkpoint"
+    fresh = [fresh_process_metrics(tmp_path / f"fresh{i}", demo_data, m, CHEAP) for i, m in enumerate([gpt, other])]
+    suite = suite_for(tmp_path / "warm", demo_data, CHEAP)
+    warm = []
+    for iteration, weights in enumerate([gpt, other, gpt, other]):
+        model = in_process_model(weights, char_tokenizer)
+        warm.append(metrics_of(suite.evaluate(model, iteration)))
+    first, second = (fresh_result(process) for process in fresh)
+    assert first != second  # the checkpoints score differently, so the comparison can tell them apart
+    assert warm == [first, second, first, second]
+
+
+def test_requests_are_read_and_adapted_once(tmp_path, demo_data, in_process, monkeypatch):
+    from megatron_eval_hook.helm import warm
+
+    made = []
+    original = warm._read_and_adapt
+    monkeypatch.setattr(warm, "_read_and_adapt", lambda *args: made.append(args[2].name) or original(*args))
+    suite = suite_for(tmp_path, demo_data, CHEAP)
+    first = metrics_of(suite.evaluate(in_process, iteration=1))
+    assert metrics_of(suite.evaluate(in_process, iteration=2)) == first
+    assert len(made) == 3
+
+
+def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt, char_tokenizer):
+    """The hook's runner against HELM's `Runner.run_one` with the hook's executor, on the same answers:
+    every file, the timings excepted."""
+    from helm.benchmark.runner import Runner
+
+    from megatron_eval_hook.helm.runner import _batching_runner
+
+    entries = [*BENCHMARKS, "mmlu:subject=demo_facts", "boolq:only_contrast=True,data_augmentation=contrast_sets"]
+    model = in_process_model(gpt, char_tokenizer, window=512)
+    suite = suite_for(tmp_path, demo_data, entries, max_sequence_length=512, max_eval_instances=2)
+    list(suite.evaluate(model, iteration=1))
+    list(suite.evaluate(model, iteration=2))  # from the kept requests and tokenizations
+    ours = tmp_path / "helm" / "runs" / "iter_0000002"
+    batching = _batching_runner(model, suite.helm_dir, "helm", reuse=None).executor
+    options = dict(skip_instances=False, cache_instances=False, cache_instances_only=False, skip_completed_runs=False)
+    reference = Runner(batching.execution_spec, str(suite.helm_dir), "helm", **options, exit_on_error=True)
+    reference.executor = batching
+    theirs = Path(reference.runs_path)
+
+    def without_timings(value):
+        if isinstance(value, dict):
+            return {k: without_timings(v) for k, v in value.items() if k not in ("request_time", "request_datetime")}
+        if isinstance(value, list):
+            return [without_timings(v) for v in value if not (isinstance(v, dict) and "runtime" in str(v.get("name")))]
+        return value
+
+    def read(folder, spec, name):
+        return without_timings(json.loads((folder / spec.name / name).read_text()))
+
+    for spec in (spec for prepared in suite.benchmarks for spec in prepared.run_specs):
+        reference.run_one(spec)
+        for name in ("run_spec.json", "scenario.json", "scenario_state.json", "per_instance_stats.json", "stats.json"):
+            assert read(ours, spec, name) == read(theirs, spec, name), (spec.name, name)
+
+
+def test_changed_data_files_are_read_again(tmp_path, demo_data, in_process):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data.helm_dir / "boolq", data / "boolq")
+    suite = HelmSuite(
+        resolve_benchmarks(["boolq"]),
+        model_key="suite-test",
+        data_dir=data,
+        output_dir=tmp_path / "warm",
+        max_sequence_length=1024,
+        max_eval_instances=4,
+    )
+    before = metrics_of(suite.evaluate(in_process, iteration=1))
+    dev = data / "boolq" / "data" / "dev"
+    dev.write_text("".join(dev.read_text().splitlines(keepends=True)[10:]))  # other instances get picked
+    after = metrics_of(suite.evaluate(in_process, iteration=2))
+    fresh = HelmSuite(
+        resolve_benchmarks(["boolq"]),
+        model_key="suite-test",
+        data_dir=data,
+        output_dir=tmp_path / "fresh",
+        max_sequence_length=1024,
+        max_eval_instances=4,
+    )
+    assert after != before
+    assert after == metrics_of(fresh.evaluate(in_process, iteration=2))
+
+
+class DoubledCharTokenizer(CharTokenizer):
+    """Two tokens per character: other prompt lengths, so other few-shot prompts fit the window."""
+
+    def encode(self, text: str) -> list[int]:
+        return [token for token in super().encode(text) for _ in (0, 1)]
+
+    def decode(self, tokens) -> str:
+        return super().decode(list(tokens)[::2])
+
+
+def test_another_tokenizer_gets_prompts_fitted_with_it(tmp_path, demo_data, gpt, char_tokenizer):
+    small = {"max_sequence_length": 600}  # too small for boolq's five examples: prompts are fitted
+    suite = suite_for(tmp_path / "warm", demo_data, ["boolq"], **small)
+    before = metrics_of(suite.evaluate(in_process_model(gpt, char_tokenizer, window=600), iteration=1))
+    doubled = in_process_model(gpt, DoubledCharTokenizer(), window=600)
+    after = metrics_of(suite.evaluate(doubled, iteration=2))
+    fresh = suite_for(tmp_path / "fresh", demo_data, ["boolq"], **small)
+    assert after[("boolq", "num_train_instances", "valid")] != before[("boolq", "num_train_instances", "valid")]
+    assert after == metrics_of(fresh.evaluate(doubled, iteration=2))
+
+
+def test_a_changed_config_is_never_served_another_configs_requests(tmp_path, demo_data, gpt, char_tokenizer):
+    """Suites of other configs in one process, same model key and output folder, evaluated in turns,
+    score as each one alone."""
+    configs = [
+        (["boolq"], {"max_eval_instances": 2}),
+        (["boolq"], {"max_eval_instances": 3}),
+        (["boolq"], {"max_eval_instances": 2, "max_sequence_length": 600}),
+        (["facts=mmlu:subject=demo_facts,method=multiple_choice_separate_original"], {"max_eval_instances": 2}),
+        (["facts=mmlu:subject=demo_facts,method=multiple_choice_joint"], {"max_eval_instances": 2}),
+    ]
+
+    def evaluate(suite, options, iteration):
+        model = in_process_model(gpt, char_tokenizer, window=options.get("max_sequence_length", 1024))
+        return metrics_of(suite.evaluate(model, iteration))
+
+    suites = [suite_for(tmp_path / "shared", demo_data, entries, **options) for entries, options in configs]
+    turns = [
+        [evaluate(suite, options, 10 * turn + i) for i, (suite, (_, options)) in enumerate(zip(suites, configs))]
+        for turn in range(2)
+    ]
+    alone = [
+        evaluate(suite_for(tmp_path / f"alone{i}", demo_data, entries, **options), options, 1)
+        for i, (entries, options) in enumerate(configs)
+    ]
+    assert turns[0] == turns[1] == alone
+    assert all(a != b for i, a in enumerate(alone) for b in alone[i + 1 :])  # a stale answer would show
+    prompt_tokens = alone[2][("boolq", "num_prompt_tokens", "valid")][0]
+    assert prompt_tokens <= 600 < alone[0][("boolq", "num_prompt_tokens", "valid")][0]  # fitted to its own window

@@ -65,7 +65,10 @@ def ensure_punkt_tab(folder: Path) -> None:
 
 
 def register_deployment(key: str, max_sequence_length: int) -> str:
-    """Register the in-process model `key` with HELM; return the deployment name for run entries."""
+    """Register the in-process model `key` with HELM; return the deployment name for run entries.
+
+    Registering it with another context window replaces the deployment's window: HELM's registry
+    is global, so a suite registers its own again at every evaluation."""
     from helm.benchmark.model_deployment_registry import (
         DEPLOYMENT_NAME_TO_MODEL_DEPLOYMENT,
         ClientSpec,
@@ -82,6 +85,9 @@ def register_deployment(key: str, max_sequence_length: int) -> str:
 
     name = f"{MODEL_ORG}/{key}"
     if name in DEPLOYMENT_NAME_TO_MODEL_DEPLOYMENT:
+        registered = DEPLOYMENT_NAME_TO_MODEL_DEPLOYMENT[name]
+        if registered.max_sequence_length != max_sequence_length:
+            register_model_deployment(replace(registered, max_sequence_length=max_sequence_length))
         return name
     register_model_metadata(
         ModelMetadata(
@@ -159,14 +165,18 @@ class HelmSuite:
         self.data_dir = Path(data_dir).resolve()
         self.helm_dir = Path(output_dir).resolve() / "helm"
         self.model_key = model_key
+        self.max_sequence_length = max_sequence_length
         self.helm_dir.mkdir(parents=True, exist_ok=True)
         # HELM logs every step at INFO, and Megatron sets the root logger to INFO: keep the
         # training log readable (HELM's own outputs stay on disk).
         logging.getLogger("helm").setLevel(logging.WARNING)
         ensure_punkt_tab(self.helm_dir / "nltk_data")
+        from megatron_eval_hook.helm.warm import Reuse
+
         deployment = register_deployment(model_key, max_sequence_length)
         self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
         self._stage_data()
+        self._reuse = Reuse()  # what evaluations can take over from earlier ones
 
     def _prepare(
         self, benchmark: Benchmark, deployment: str, max_eval_instances: int, num_train_trials: int
@@ -210,8 +220,12 @@ class HelmSuite:
         at `iteration`."""
         from helm.benchmark.runner import set_benchmark_output_path
 
+        from megatron_eval_hook.helm.client import registered_model
+
         set_benchmark_output_path(str(self.helm_dir))
-        runner = _batching_runner(model, self.helm_dir, suite=f"iter_{iteration:07d}")
+        register_deployment(self.model_key, self.max_sequence_length)
+        self._reuse.start(registered_model(self.model_key).tokenizer)
+        runner = _batching_runner(model, self.helm_dir, suite=f"iter_{iteration:07d}", reuse=self._reuse)
         for prepared in self.benchmarks:
             if only is not None and prepared.name not in only:
                 continue
@@ -272,10 +286,11 @@ def benchmark_data(benchmarks: list[Benchmark]) -> list[ScenarioData]:
     return items
 
 
-def _batching_runner(model, helm_dir: Path, suite: str):
+def _batching_runner(model, helm_dir: Path, suite: str, reuse):
     from helm.benchmark.executor import ExecutionSpec, Executor
-    from helm.benchmark.runner import Runner
     from helm.common.authentication import Authentication
+
+    from megatron_eval_hook.helm.warm import ReusingRunner
 
     class BatchingExecutor(Executor):
         """Answers all requests of a run in batches before HELM asks for them one by one."""
@@ -288,18 +303,7 @@ def _batching_runner(model, helm_dir: Path, suite: str):
                 model.forget()
 
     spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(helm_dir / "prod_env"), parallelism=1)
-    runner = Runner(
-        spec,
-        str(helm_dir),
-        suite,
-        skip_instances=False,
-        cache_instances=False,
-        cache_instances_only=False,
-        skip_completed_runs=False,
-        exit_on_error=True,
-    )
-    runner.executor = BatchingExecutor(spec)
-    return runner
+    return ReusingRunner(spec, str(helm_dir), suite, reuse=reuse, executor=BatchingExecutor(spec))
 
 
 def _suggest(entry: str) -> str:

@@ -1,0 +1,177 @@
+"""HELM's `Runner` for evaluating checkpoint after checkpoint in one process.
+
+Between two checkpoints only the model's answers change, yet HELM's `Runner.run_one` reads the
+scenario's files and adapts its instances into prompts again each time. `ReusingRunner` runs
+HELM's steps for the hook's options (no dry run, instances neither skipped nor cached on disk)
+but takes the adapted requests from `Reuse`, which keeps them for as long as what they were made
+from is unchanged. Its metrics and output files are HELM's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from helm.benchmark.adaptation.adapters.adapter_factory import AdapterFactory
+from helm.benchmark.adaptation.request_state import RequestState
+from helm.benchmark.adaptation.scenario_state import ScenarioState
+from helm.benchmark.data_preprocessor import DataPreprocessor
+from helm.benchmark.metrics.metric import PerInstanceStats, Stat, create_metric
+from helm.benchmark.metrics.metric_service import MetricService
+from helm.benchmark.model_deployment_registry import get_model_deployment
+from helm.benchmark.runner import Runner, downsample_eval_instances, remove_per_instance_stats_nans, remove_stats_nans
+from helm.benchmark.scenarios.scenario import (
+    EVAL_SPLITS,
+    Scenario,
+    create_scenario,
+    get_scenario_cache_path,
+    with_instance_ids,
+)
+from helm.common.general import asdict_without_nones, ensure_directory_exists, write
+
+# A varied text whose tokens tell the run's tokenizer apart from another one.
+_TOKENIZER_PROBE = (
+    "Passage: The 3 quick brown foxes jumped over 12 lazy dogs in Zürich, didn't they?\n"
+    "Question: Which of the following is TRUE about 'x^2 + 1'?\nA. It's always > 0\nB. $5.00 (approx.)\n"
+    "Answer: B\n\n  Indented\tcode: print(foo[1:-1]) # comment; e-mail me@example.org — naïve café 東京"
+)
+
+
+def tokenizer_fingerprint(tokenizer) -> tuple:
+    """The tokenizer's type and its tokens of a varied text: another tokenizer gives another one."""
+    return type(tokenizer).__qualname__, tuple(tokenizer.encode(_TOKENIZER_PROBE))
+
+
+def files_fingerprint(folder: Path) -> tuple:
+    """(path, size, modification time) of every file under `folder`, links followed; HELM's lock files left out."""
+    found = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(names):
+            if not name.endswith(".lock"):
+                stat = os.stat(os.path.join(root, name))
+                found.append((os.path.join(root, name), stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A run's scenario and its requests before any model answered them."""
+
+    key: tuple  # what they were made from
+    scenario: Scenario
+    request_states: list[RequestState]
+
+
+class Reuse:
+    """What an evaluation takes over from the earlier ones of the same suite.
+
+    Each run's adapted requests (instances read from the data files, picked, and turned into
+    prompts): they depend on the run spec, the model deployment (its context window), the
+    tokenizer (prompts are fitted into the window with it) and the scenario's data files, and are
+    reused only while all four are what they were made from (`adapted`); otherwise they are made
+    anew. The tokenizer and the data files are looked at again at every evaluation (`start`).
+    """
+
+    def __init__(self):
+        self._adapted: dict[str, Adapted] = {}  # run name -> its requests
+        self._tokenizer_key: tuple | None = None
+        self._data_keys: dict[str, tuple] = {}  # data folder -> fingerprint of its files, this evaluation
+
+    def start(self, tokenizer) -> None:
+        """Begin an evaluation whose HELM tokenizer uses `tokenizer` (a `TextTokenizer`)."""
+        self._tokenizer_key = tokenizer_fingerprint(tokenizer)
+        self._data_keys = {}
+
+    def adapted(self, spec, runner: Runner) -> Adapted:
+        """The run's requests: the kept ones if they were made from the same inputs, else new ones."""
+        scenario = create_scenario(spec.scenario_spec)
+        data = get_scenario_cache_path(runner.output_path, scenario.name)  # HELM reads the scenario's files here
+        if data not in self._data_keys:
+            self._data_keys[data] = files_fingerprint(Path(data))
+        deployment = get_model_deployment(spec.adapter_spec.model_deployment)
+        key = (repr(spec), repr(deployment), self._tokenizer_key, self._data_keys[data])
+        kept = self._adapted.get(spec.name)
+        if kept is None or kept.key != key:
+            kept = self._adapted[spec.name] = Adapted(key, scenario, _read_and_adapt(runner, scenario, spec, data))
+        return kept
+
+
+def _read_and_adapt(runner: Runner, scenario: Scenario, spec, data: str) -> list[RequestState]:
+    """HELM's `Runner.run_one` up to the requests: read the instances, pick the evaluated ones, adapt them."""
+    parallelism = runner.executor.execution_spec.parallelism
+    instances = scenario.get_instances(data)
+    if any(instance.id is None for instance in instances):
+        instances = with_instance_ids(instances)
+    adapter_spec = spec.adapter_spec
+    if adapter_spec.max_eval_instances is not None:
+        eval_splits = adapter_spec.eval_splits or EVAL_SPLITS
+        instances = downsample_eval_instances(instances, adapter_spec.max_eval_instances, eval_splits)
+    instances = DataPreprocessor(spec.data_augmenter_spec).preprocess(instances, parallelism)
+    return AdapterFactory.get_adapter(adapter_spec, runner.tokenizer_service).adapt(instances, parallelism)
+
+
+class ReusingRunner(Runner):
+    """HELM's `Runner` with the hook's options, whose runs start from the requests `reuse` keeps.
+
+    `executor` replaces HELM's own (the hook's answers all of a run's requests in batches).
+    """
+
+    def __init__(self, execution_spec, output_path: str, suite: str, *, reuse: Reuse, executor):
+        super().__init__(
+            execution_spec,
+            output_path,
+            suite,
+            skip_instances=False,
+            cache_instances=False,
+            cache_instances_only=False,
+            skip_completed_runs=False,
+            exit_on_error=True,
+        )
+        self.reuse = reuse
+        self.executor = executor
+        self.tokenizer_service = self.metric_service = MetricService(executor.context)
+
+    def run_one(self, run_spec) -> None:
+        """`Runner.run_one`: requests, answers, annotations, metrics, HELM's five files."""
+        adapted = self.reuse.adapted(run_spec, self)
+        state = ScenarioState(run_spec.adapter_spec, adapted.request_states, annotator_specs=run_spec.annotators)
+        state = self.annotator_executor.execute(self.executor.execute(state))
+        parallelism = self.executor.execution_spec.parallelism
+        stats, per_instance_stats = compute_stats(
+            run_spec, state, self.metric_service, self.eval_cache_path, parallelism
+        )
+        write_run(self._get_run_path(run_spec), run_spec, adapted.scenario, state, stats, per_instance_stats)
+
+
+def compute_stats(
+    run_spec, state: ScenarioState, metric_service: MetricService, eval_cache_path: str, parallelism: int
+) -> tuple[list[Stat], list[PerInstanceStats]]:
+    """The run's metrics, as HELM computes them."""
+    stats: list[Stat] = []
+    per_instance_stats: list[PerInstanceStats] = []
+    for metric_spec in run_spec.metric_specs:
+        result = create_metric(metric_spec).evaluate(state, metric_service, eval_cache_path, parallelism)
+        stats.extend(result.aggregated_stats)
+        per_instance_stats.extend(result.per_instance_stats)
+    return stats, per_instance_stats
+
+
+def write_run(
+    run_path: str, run_spec, scenario: Scenario, state: ScenarioState, stats: list[Stat], per_instance_stats
+) -> None:
+    """HELM's five files of a run, as `Runner.run_one` writes them."""
+    ensure_directory_exists(run_path)
+    for name, content in (
+        ("run_spec.json", asdict_without_nones(run_spec)),
+        ("scenario.json", asdict_without_nones(scenario)),
+        ("scenario_state.json", asdict_without_nones(state)),
+        ("stats.json", [asdict_without_nones(stat) for stat in remove_stats_nans(stats)]),
+        (
+            "per_instance_stats.json",
+            [asdict_without_nones(stats) for stats in remove_per_instance_stats_nans(per_instance_stats)],
+        ),
+    ):
+        write(os.path.join(run_path, name), json.dumps(content, indent=2))
