@@ -319,3 +319,23 @@ def test_a_changed_config_is_never_served_another_configs_requests(tmp_path, dem
     assert all(a != b for i, a in enumerate(alone) for b in alone[i + 1 :])  # a stale answer would show
     prompt_tokens = alone[2][("boolq", "num_prompt_tokens", "valid")][0]
     assert prompt_tokens <= 600 < alone[0][("boolq", "num_prompt_tokens", "valid")][0]  # fitted to its own window
+
+
+def test_megatron_tokenizer_encodes_a_text_once_per_tokenizer():
+    from megatron_eval_hook.helm.client import MegatronTokenizer
+
+    class Counting:
+        calls = 0
+
+        def __init__(self, shift: int):
+            self.shift = shift
+
+        def tokenize(self, text: str) -> list[int]:
+            Counting.calls += 1
+            return [ord(c) + self.shift for c in text]
+
+    first, other = Counting(0), Counting(1)
+    MegatronTokenizer(first).encode("abc").append(0)  # callers get a list of their own
+    assert MegatronTokenizer(first).encode("abc") == [97, 98, 99]  # the hook wraps it anew at every evaluation
+    assert MegatronTokenizer(other).encode("abc") == [98, 99, 100]
+    assert Counting.calls == 2

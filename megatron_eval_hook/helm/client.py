@@ -16,6 +16,8 @@ For those runs the engine computes only these; the question's tokens report log-
 from __future__ import annotations
 
 import time
+import weakref
+from array import array
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -46,6 +48,12 @@ class TextTokenizer(Protocol):
     def decode(self, tokens: Sequence[int]) -> str: ...
 
 
+# The token ids of the texts each Megatron tokenizer encoded: HELM asks for the same prompts at
+# every evaluation. Keyed by the tokenizer object itself, weakly: another tokenizer starts afresh.
+_ENCODED: weakref.WeakKeyDictionary[object, dict[str, array]] = weakref.WeakKeyDictionary()
+_MAX_ENCODED_TEXTS = 50_000
+
+
 class MegatronTokenizer:
     """A Megatron tokenizer (`megatron.training.get_tokenizer()`) as a `TextTokenizer`."""
 
@@ -53,7 +61,13 @@ class MegatronTokenizer:
         self._tokenizer = tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.tokenize(text))  # type: ignore[attr-defined]
+        encoded = _ENCODED.setdefault(self._tokenizer, {})
+        ids = encoded.get(text)
+        if ids is None:
+            if len(encoded) >= _MAX_ENCODED_TEXTS:
+                encoded.clear()
+            ids = encoded[text] = array("i", self._tokenizer.tokenize(text))  # type: ignore[attr-defined]
+        return list(ids)
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self._tokenizer.detokenize(list(tokens))  # type: ignore[attr-defined]

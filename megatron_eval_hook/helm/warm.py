@@ -1,17 +1,19 @@
 """HELM's `Runner` for evaluating checkpoint after checkpoint in one process.
 
 Between two checkpoints only the model's answers change, yet HELM's `Runner.run_one` reads the
-scenario's files and adapts its instances into prompts again each time. `ReusingRunner` runs
-HELM's steps for the hook's options (no dry run, instances neither skipped nor cached on disk)
-but takes the adapted requests from `Reuse`, which keeps them for as long as what they were made
-from is unchanged. Its metrics and output files are HELM's.
+scenario's files and adapts its instances into prompts again each time, and its metrics count
+the same prompts' tokens again. `ReusingRunner` runs HELM's steps for the hook's options (no dry
+run, instances neither skipped nor cached on disk) but takes the adapted requests and those
+tokenizations from `Reuse`, which keeps them for as long as what they were made from is unchanged.
+Its metrics and output files are HELM's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from helm.benchmark.adaptation.adapters.adapter_factory import AdapterFactory
@@ -30,6 +32,7 @@ from helm.benchmark.scenarios.scenario import (
     with_instance_ids,
 )
 from helm.common.general import asdict_without_nones, ensure_directory_exists, write
+from helm.common.tokenization_request import TokenizationRequest, TokenizationRequestResult, TokenizationToken
 
 # A varied text whose tokens tell the run's tokenizer apart from another one.
 _TOKENIZER_PROBE = (
@@ -73,16 +76,29 @@ class Reuse:
     tokenizer (prompts are fitted into the window with it) and the scenario's data files, and are
     reused only while all four are what they were made from (`adapted`); otherwise they are made
     anew. The tokenizer and the data files are looked at again at every evaluation (`start`).
+
+    HELM's tokenizations with the run's tokenizer (its metrics count the tokens of every prompt at
+    every evaluation): kept while the tokenizer is the same, one evaluation beyond the last that
+    asked for them, with one token object per distinct token (8 bytes a kept token).
     """
 
     def __init__(self):
         self._adapted: dict[str, Adapted] = {}  # run name -> its requests
         self._tokenizer_key: tuple | None = None
         self._data_keys: dict[str, tuple] = {}  # data folder -> fingerprint of its files, this evaluation
+        self._tokenized: dict[TokenizationRequest, TokenizationRequestResult] = {}  # this evaluation
+        self._tokenized_before: dict[TokenizationRequest, TokenizationRequestResult] = {}  # the one before
+        self._tokens: dict[TokenizationToken, TokenizationToken] = {}
 
     def start(self, tokenizer) -> None:
         """Begin an evaluation whose HELM tokenizer uses `tokenizer` (a `TextTokenizer`)."""
-        self._tokenizer_key = tokenizer_fingerprint(tokenizer)
+        key = tokenizer_fingerprint(tokenizer)
+        if key == self._tokenizer_key:
+            self._tokenized_before = self._tokenized
+        else:
+            self._tokenized_before, self._tokens = {}, {}
+        self._tokenized = {}
+        self._tokenizer_key = key
         self._data_keys = {}
 
     def adapted(self, spec, runner: Runner) -> Adapted:
@@ -98,6 +114,18 @@ class Reuse:
             kept = self._adapted[spec.name] = Adapted(key, scenario, _read_and_adapt(runner, scenario, spec, data))
         return kept
 
+    def tokenize(
+        self, request: TokenizationRequest, tokenize: Callable[[TokenizationRequest], TokenizationRequestResult]
+    ) -> TokenizationRequestResult:
+        result = self._tokenized.get(request) or self._tokenized_before.get(request)
+        if result is None:
+            result = tokenize(request)
+            if not result.success:
+                return result
+            result = replace(result, tokens=[self._tokens.setdefault(token, token) for token in result.tokens])
+        self._tokenized[request] = result
+        return result
+
 
 def _read_and_adapt(runner: Runner, scenario: Scenario, spec, data: str) -> list[RequestState]:
     """HELM's `Runner.run_one` up to the requests: read the instances, pick the evaluated ones, adapt them."""
@@ -111,6 +139,15 @@ def _read_and_adapt(runner: Runner, scenario: Scenario, spec, data: str) -> list
         instances = downsample_eval_instances(instances, adapter_spec.max_eval_instances, eval_splits)
     instances = DataPreprocessor(spec.data_augmenter_spec).preprocess(instances, parallelism)
     return AdapterFactory.get_adapter(adapter_spec, runner.tokenizer_service).adapt(instances, parallelism)
+
+
+class _ReusingMetricService(MetricService):
+    def __init__(self, context, reuse: Reuse):
+        super().__init__(context)
+        self._reuse = reuse
+
+    def tokenize(self, request: TokenizationRequest) -> TokenizationRequestResult:
+        return self._reuse.tokenize(request, super().tokenize)
 
 
 class ReusingRunner(Runner):
@@ -132,7 +169,7 @@ class ReusingRunner(Runner):
         )
         self.reuse = reuse
         self.executor = executor
-        self.tokenizer_service = self.metric_service = MetricService(executor.context)
+        self.tokenizer_service = self.metric_service = _ReusingMetricService(executor.context, reuse)
 
     def run_one(self, run_spec) -> None:
         """`Runner.run_one`: requests, answers, annotations, metrics, HELM's five files."""
