@@ -209,8 +209,8 @@ def test_requests_are_read_and_adapted_once(tmp_path, demo_data, in_process, mon
 
 
 def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt, char_tokenizer):
-    """The hook's runner against HELM's `Runner.run_one` with the hook's executor, on the same answers:
-    every file, the timings excepted."""
+    """The hook's runner against HELM's `Runner.run_one` with the hook's executor, on the same answers: every
+    stat, but the timings and HELM's worst cases over the perturbations of runs without any; every file."""
     from helm.benchmark.runner import Runner
 
     from megatron_eval_hook.helm.runner import _batching_runner
@@ -237,10 +237,19 @@ def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt,
     def read(folder, spec, name):
         return without_timings(json.loads((folder / spec.name / name).read_text()))
 
+    perturbed = 0
     for spec in (spec for prepared in suite.benchmarks for spec in prepared.run_specs):
         reference.run_one(spec)
-        for name in ("run_spec.json", "scenario.json", "scenario_state.json", "per_instance_stats.json", "stats.json"):
+        for name in ("run_spec.json", "scenario.json", "scenario_state.json", "per_instance_stats.json"):
             assert read(ours, spec, name) == read(theirs, spec, name), (spec.name, name)
+        stats = read(theirs, spec, "stats.json")
+        states = read(ours, spec, "scenario_state.json")["request_states"]
+        if all(state["instance"].get("perturbation") is None for state in states):
+            stats = [s for s in stats if "perturbation" not in s["name"]]  # the worst cases it leaves out
+        else:
+            perturbed += 1
+        assert read(ours, spec, "stats.json") == stats, spec.name
+    assert perturbed == 1
 
 
 def test_changed_data_files_are_read_again(tmp_path, demo_data, in_process):
@@ -319,6 +328,30 @@ def test_a_changed_config_is_never_served_another_configs_requests(tmp_path, dem
     assert all(a != b for i, a in enumerate(alone) for b in alone[i + 1 :])  # a stale answer would show
     prompt_tokens = alone[2][("boolq", "num_prompt_tokens", "valid")][0]
     assert prompt_tokens <= 600 < alone[0][("boolq", "num_prompt_tokens", "valid")][0]  # fitted to its own window
+
+
+def test_bias_metric_counts_as_helms_does(tmp_path):
+    from megatron_eval_hook.helm.runner import ensure_punkt_tab
+
+    ensure_punkt_tab(tmp_path)  # BiasMetric tokenizes with NLTK's punkt
+    from helm.benchmark.metrics.bias_metrics import BiasMetric
+
+    from megatron_eval_hook.helm.warm import _BiasMetric
+
+    texts = [
+        "She was a brilliant doctor, and he was a nurse.",
+        "Yes",
+        "Gomez and Wong are engineers; Harris is a scientist, and she is caring.",
+        "no mention of anyone here",
+        "He he he, the lawyer said: she is emotional, his son is logical. Mr. Nelson, the pilot, met Ms. Sanchez.",
+    ]
+    for category in ("race", "gender"):
+        for target in ("adjective", "profession"):
+            ours = _BiasMetric("associations", category, target)
+            helms = BiasMetric("associations", category, target)
+            assert helms.evaluate_stereotypical_associations(texts) is not None
+            for some in (texts, texts[1:2], texts[3:4], texts[::2], []):
+                assert ours.evaluate_stereotypical_associations(some) == helms.evaluate_stereotypical_associations(some)
 
 
 def test_megatron_tokenizer_encodes_a_text_once_per_tokenizer():

@@ -5,21 +5,28 @@ scenario's files and adapts its instances into prompts again each time, and its 
 the same prompts' tokens again. `ReusingRunner` runs HELM's steps for the hook's options (no dry
 run, instances neither skipped nor cached on disk) but takes the adapted requests and those
 tokenizations from `Reuse`, which keeps them for as long as what they were made from is unchanged.
-Its metrics and output files are HELM's.
+Its metrics and output files are HELM's, computed with the pure overhead left out (see
+`compute_stats`); the scores are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from helm.benchmark.adaptation.adapters.adapter_factory import AdapterFactory
 from helm.benchmark.adaptation.request_state import RequestState
 from helm.benchmark.adaptation.scenario_state import ScenarioState
 from helm.benchmark.data_preprocessor import DataPreprocessor
+from helm.benchmark.metrics import metric as helm_metric
+from helm.benchmark.metrics import reference_metric
+from helm.benchmark.metrics.bias_metrics import BiasMetric
 from helm.benchmark.metrics.metric import PerInstanceStats, Stat, create_metric
 from helm.benchmark.metrics.metric_service import MetricService
 from helm.benchmark.model_deployment_registry import get_model_deployment
@@ -33,6 +40,7 @@ from helm.benchmark.scenarios.scenario import (
 )
 from helm.common.general import asdict_without_nones, ensure_directory_exists, write
 from helm.common.tokenization_request import TokenizationRequest, TokenizationRequestResult, TokenizationToken
+from nltk.tokenize import word_tokenize
 
 # A varied text whose tokens tell the run's tokenizer apart from another one.
 _TOKENIZER_PROBE = (
@@ -186,14 +194,65 @@ class ReusingRunner(Runner):
 def compute_stats(
     run_spec, state: ScenarioState, metric_service: MetricService, eval_cache_path: str, parallelism: int
 ) -> tuple[list[Stat], list[PerInstanceStats]]:
-    """The run's metrics, as HELM computes them."""
+    """The run's metrics, as HELM computes them, less two kinds of pure overhead:
+
+    - Worst cases over perturbations. For every metric, HELM adds each instance's worst value over
+      its perturbations (stats named with a `perturbation`, robustness and fairness). Without
+      perturbed instances (no `data_augmentation`) they are derived from the plain values alone,
+      the hook never reads them (`read_stats` drops them), and they take a third of the metrics' time.
+    - `BiasMetric`'s stereotypical associations count every demographic word again for each of
+      several hundred target words; `_BiasMetric` counts them once per text: the same counts.
+    """
     stats: list[Stat] = []
     per_instance_stats: list[PerInstanceStats] = []
-    for metric_spec in run_spec.metric_specs:
-        result = create_metric(metric_spec).evaluate(state, metric_service, eval_cache_path, parallelism)
-        stats.extend(result.aggregated_stats)
-        per_instance_stats.extend(result.per_instance_stats)
+    with contextlib.ExitStack() as stack:
+        if all(instance.perturbation is None for instance in state.instances):
+            stack.enter_context(_without_worst_cases())
+        for metric_spec in run_spec.metric_specs:
+            if metric_spec.class_name == f"{BiasMetric.__module__}.{BiasMetric.__qualname__}":
+                metric = _BiasMetric(**metric_spec.args)
+            else:
+                metric = create_metric(metric_spec)
+            result = metric.evaluate(state, metric_service, eval_cache_path, parallelism)
+            stats.extend(result.aggregated_stats)
+            per_instance_stats.extend(result.per_instance_stats)
     return stats, per_instance_stats
+
+
+@contextlib.contextmanager
+def _without_worst_cases():
+    """HELM computes no worst cases while this lasts, in the whole process (the hook's metrics run in one thread)."""
+    modules = (helm_metric, reference_metric)  # the two that compute them, each with its own import
+    originals = [module.compute_worst_case_metrics for module in modules]
+    for module in modules:
+        module.compute_worst_case_metrics = lambda per_instance_stats: []
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.compute_worst_case_metrics = original
+
+
+class _BiasMetric(BiasMetric):
+    """`BiasMetric`, its stereotypical associations counting each demographic group's words once per text."""
+
+    def evaluate_stereotypical_associations(self, texts: list[str]) -> float | None:
+        groups = list(self.demographic_group_to_words)
+        assert self.target_category
+        target_words = self.TARGET_CATEGORY_TO_WORD_LIST[self.target_category]
+        pair_to_count: dict[tuple[str, str], int] = defaultdict(int)
+        for text in texts:
+            tokens = word_tokenize(text.lower())
+            group_counts = [sum(tokens.count(w) for w in self.demographic_group_to_words[g]) for g in groups]
+            if not any(group_counts):
+                continue  # every pair's count grows by 0
+            for target in target_words:
+                target_count = tokens.count(target)
+                for group, group_count in zip(groups, group_counts):
+                    pair_to_count[(target, group)] += group_count * target_count
+        bias_scores = [self.group_counts_to_bias([pair_to_count[(t, g)] for g in groups]) for t in target_words]
+        bias_scores = [score for score in bias_scores if score is not None]
+        return np.array(bias_scores).mean() if bias_scores else None
 
 
 def write_run(
