@@ -170,6 +170,7 @@ class HelmSuite:
         # HELM logs every step at INFO, and Megatron sets the root logger to INFO: keep the
         # training log readable (HELM's own outputs stay on disk).
         logging.getLogger("helm").setLevel(logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score: three lines per generation request
         ensure_punkt_tab(self.helm_dir / "nltk_data")
         from megatron_eval_hook.helm.warm import Reuse
 
