@@ -372,3 +372,34 @@ def test_megatron_tokenizer_encodes_a_text_once_per_tokenizer():
     assert MegatronTokenizer(first).encode("abc") == [97, 98, 99]  # the hook wraps it anew at every evaluation
     assert MegatronTokenizer(other).encode("abc") == [98, 99, 100]
     assert Counting.calls == 2
+
+
+def test_files_are_written_as_helm_writes_them_unindented():
+    from dataclasses import dataclass, field
+
+    from helm.common.general import asdict_without_nones
+
+    from megatron_eval_hook.helm.warm import _dumps_by_parts, plain
+
+    @dataclass
+    class Item:
+        name: str
+        score: float | None = None
+        tags: tuple = ()
+
+    @dataclass
+    class State:
+        items: list
+        label: str | None = None
+        extra: dict = field(default_factory=dict)
+
+    for value in (
+        State([Item("a", 1.5, ("x", "é")), Item("b")], "l", {"k": [1, None], "n": Item("c")}),
+        State([]),
+        [Item("d", -0.25)],
+        [],
+    ):
+        helms = (
+            [asdict_without_nones(item) for item in value] if isinstance(value, list) else asdict_without_nones(value)
+        )
+        assert _dumps_by_parts(value) == json.dumps(plain(value)) == json.dumps(helms)

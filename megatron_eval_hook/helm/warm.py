@@ -260,19 +260,44 @@ def write_run(
 ) -> None:
     """HELM's five files of a run, with the same content as `Runner.run_one` writes; the two large
     ones (every request and its answer, every instance's stats) without indentation, which takes
-    Python's JSON encoder four times longer than the rest of their writing."""
+    Python's JSON encoder four times longer than the rest of their writing, and a part at a time."""
     ensure_directory_exists(run_path)
-    for name, content, indent in (
-        ("run_spec.json", run_spec, 2),
-        ("scenario.json", scenario, 2),
-        ("scenario_state.json", state, None),
-        ("stats.json", remove_stats_nans(stats), 2),
-        ("per_instance_stats.json", remove_per_instance_stats_nans(per_instance_stats), None),
+    for name, content in (
+        ("run_spec.json", run_spec),
+        ("scenario.json", scenario),
+        ("stats.json", remove_stats_nans(stats)),
     ):
-        write(os.path.join(run_path, name), json.dumps(plain(content), indent=indent))
+        write(os.path.join(run_path, name), json.dumps(plain(content), indent=2))
+    write(os.path.join(run_path, "scenario_state.json"), _dumps_by_parts(state))
+    write(
+        os.path.join(run_path, "per_instance_stats.json"),
+        _dumps_by_parts(remove_per_instance_stats_nans(per_instance_stats)),
+    )
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+def _dumps_by_parts(value) -> str:
+    """`json.dumps(plain(value))` for a list, or a dataclass with lists, made a field and a list item at a
+    time. Making all of their dicts first kept tens of thousands alive at once, and Python's garbage
+    collector then scanned the whole process (the training's objects too) every other evaluation."""
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(plain(item)) for item in value) + "]"
+    parts = []
+    for name in _field_names(type(value)):
+        item = getattr(value, name)
+        if item is not None:
+            text = _dumps_by_parts(item) if isinstance(item, list) else json.dumps(plain(item))
+            parts.append(f"{json.dumps(name)}: {text}")
+    return "{" + ", ".join(parts) + "}"
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(kind: type) -> tuple[str, ...] | None:
+    """The fields of dataclass `kind`, None for other types."""
+    if kind not in _FIELD_NAMES:
+        _FIELD_NAMES[kind] = tuple(field.name for field in fields(kind)) if is_dataclass(kind) else None
+    return _FIELD_NAMES[kind]
 
 
 def plain(value):
@@ -281,9 +306,7 @@ def plain(value):
     kind = type(value)
     if kind in (str, int, float, bool) or value is None:
         return value
-    names = _FIELD_NAMES.get(kind)
-    if names is None and is_dataclass(kind):
-        names = _FIELD_NAMES[kind] = tuple(field.name for field in fields(kind))
+    names = _field_names(kind)
     if names is not None:
         return {name: plain(item) for name in names if (item := getattr(value, name)) is not None}
     if isinstance(value, list | tuple):
