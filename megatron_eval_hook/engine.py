@@ -284,8 +284,6 @@ class Engine:
 
     def _finish_scores(self, sequences, picks, logits) -> list[list[float]]:
         """Gather log p(target) at the picked logits; `picks` is (sequence, token index, logits row)."""
-        if not picks:
-            return [[0.0] * len(s) for s in sequences]
         lse = torch.logsumexp(logits, dim=-1)
         index = self._tensor([p[2] for p in picks])
         targets = self._tensor([sequences[p[0]][p[1]] for p in picks])
@@ -306,17 +304,13 @@ class Engine:
                 for i in wanted[k]:
                     picks.append((row, i, len(rows)))
                     rows.append(row)
-                    columns.append(i - 1)  # the logits before token i predict it
-            logits = (
-                self._forward(
-                    self._padded([sequences[k] for k in batch], width),
-                    self._tensor(range(width)).unsqueeze(0).expand(len(batch), width),
-                    self._causal(width),
-                    self._tensor(rows),
-                    self._tensor(columns),
-                )
-                if rows
-                else None
+                    columns.append(i - 1)  # the logits at position i-1 predict token i
+            logits = self._forward(
+                self._padded([sequences[k] for k in batch], width),
+                self._tensor(range(width)).unsqueeze(0).expand(len(batch), width),
+                self._causal(width),
+                self._tensor(rows),
+                self._tensor(columns),
             )
             scores = self._finish_scores([sequences[k] for k in batch], picks, logits)
             for row, k in enumerate(batch):
