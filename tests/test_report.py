@@ -24,6 +24,8 @@ def load_in_browser(page: Path, profile: Path) -> tuple[str, list[str]]:
     """Load `page` in headless chromium: (the DOM after its scripts ran, the console messages)."""
     result = subprocess.run(
         [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", f"--user-data-dir={profile}",
+         # no connections of chromium's own: the test machines reach no network
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
          "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
