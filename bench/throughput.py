@@ -220,22 +220,13 @@ def convert_hellaswag(source: Path, helm_dir: Path, train_rows: int = 20) -> Non
 
 
 def init_megatron() -> None:
-    """A single-process Megatron world (gloo), TP = PP = 1, as the tests set it up (CPU shims without CUDA)."""
-    import torch.distributed as dist
-    from cpu_run import free_port
+    """A single-process Megatron world, TP = PP = 1, as backfill sets it up (CPU shims without CUDA)."""
     from demo_data import import_megatron
 
     import_megatron()
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_eval_hook.loading import ensure_single_process
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    initialize_rng_tracker()
+    ensure_single_process(seed=0)
 
 
 def padded_vocab(vocab_size: int, divisible_by: int = 128) -> int:

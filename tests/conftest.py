@@ -3,7 +3,6 @@ and a tiny GPT-2 trained on it."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +17,6 @@ import torch  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "pretrain_gpt2"
 sys.path.insert(0, str(EXAMPLES))  # the demo's data generator and CPU command lines
-
-from cpu_run import free_port  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -44,17 +41,9 @@ def _hermetic_wandb(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def megatron_world():
     """torch.distributed (gloo, one process) with Megatron's model-parallel state, TP=PP=1."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron_eval_hook.loading import ensure_single_process
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-    initialize_rng_tracker()
+    ensure_single_process(seed=0)
     yield
 
 

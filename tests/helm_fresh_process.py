@@ -10,31 +10,25 @@ JSON: one [benchmark, metric, split, value, count] row per metric.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import CharTokenizer, free_port, tiny_gpt  # noqa: E402  (applies the CPU shims)
+from conftest import CharTokenizer, tiny_gpt  # noqa: E402  (applies the CPU shims)
 
 
 def main(spec_path: str) -> None:
     import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     from megatron_eval_hook.engine import Engine
     from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
     from megatron_eval_hook.helm.client import InProcessModel, register_model
     from megatron_eval_hook.helm.runner import HelmSuite
+    from megatron_eval_hook.loading import ensure_single_process
 
     spec = json.loads(Path(spec_path).read_text())
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    initialize_rng_tracker()
+    ensure_single_process(seed=0)
 
     tokenizer = CharTokenizer()
     window = spec["max_sequence_length"]
