@@ -83,7 +83,7 @@ sys.path.insert(0, str(EXAMPLES))  # the demo's data generator
 import torch  # noqa: E402
 
 from megatron_eval_hook.helm.benchmarks import LITE_MMLU_SUBJECTS  # noqa: E402
-from megatron_eval_hook.helm.reference import register_hf_deployment  # noqa: E402
+from megatron_eval_hook.helm.reference import plain_runner, register_hf_deployment  # noqa: E402
 
 SCORING, GENERATION = "scoring", "generation"
 SEPARATE = "method=multiple_choice_separate_original"
@@ -305,26 +305,14 @@ class _Adapted(Exception):
 def adapting_runner(helm_dir: Path) -> Any:
     """HELM's own Runner, stopped at the executor: `run_one` builds a run's RequestStates (scenario,
     downsampling, adapter, prompt fitting) and hands them over in `_Adapted`, unexecuted."""
-    from helm.benchmark.executor import ExecutionSpec, Executor
-    from helm.benchmark.runner import Runner
-    from helm.common.authentication import Authentication
+    from helm.benchmark.executor import Executor
 
     class Stop(Executor):
         def execute(self, scenario_state):
             raise _Adapted(scenario_state)
 
-    spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(helm_dir / "prod_env"), parallelism=1)
-    runner = Runner(
-        spec,
-        str(helm_dir),
-        "bench",
-        skip_instances=False,
-        cache_instances=False,
-        cache_instances_only=False,
-        skip_completed_runs=False,
-        exit_on_error=True,
-    )
-    runner.executor = Stop(spec)
+    runner = plain_runner(helm_dir, "bench")
+    runner.executor = Stop(runner.executor.execution_spec)
     return runner
 
 

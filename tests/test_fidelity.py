@@ -27,7 +27,7 @@ from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.export import gpt2_tokenizer, to_hf_gpt2
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
 from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer, register_model
-from megatron_eval_hook.helm.reference import register_hf_deployment
+from megatron_eval_hook.helm.reference import plain_runner, register_hf_deployment
 from megatron_eval_hook.helm.runner import HelmSuite
 
 pytestmark = pytest.mark.slow
@@ -88,25 +88,13 @@ Every other statistic (scores, predicted indices, token counts, finish reasons) 
 def run_reference(specs, output: Path, data_dir: Path, deployment: str) -> Path:
     from dataclasses import replace
 
-    from helm.benchmark.executor import ExecutionSpec
-    from helm.benchmark.runner import Runner, set_benchmark_output_path
-    from helm.common.authentication import Authentication
+    from helm.benchmark.runner import set_benchmark_output_path
 
     (output / "scenarios").mkdir(parents=True)
     for scenario in data_dir.iterdir():
         (output / "scenarios" / scenario.name).symlink_to(scenario)
     set_benchmark_output_path(str(output))
-    spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(output / "prod_env"), parallelism=1)
-    runner = Runner(
-        spec,
-        str(output),
-        "iter_0000001",
-        skip_instances=False,
-        cache_instances=False,
-        cache_instances_only=False,
-        skip_completed_runs=False,
-        exit_on_error=True,
-    )  # HELM's plain Runner and Executor: the reference path, no batching
+    runner = plain_runner(output, "iter_0000001")  # the reference path: no batching, no reuse
     for run_spec in specs:
         adapter = replace(run_spec.adapter_spec, model=deployment, model_deployment=deployment)
         runner.run_one(replace(run_spec, adapter_spec=adapter))  # same run name, other output folder

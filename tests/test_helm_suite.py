@@ -211,8 +211,8 @@ def test_requests_are_read_and_adapted_once(tmp_path, demo_data, in_process, mon
 def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt, char_tokenizer):
     """The hook's runner against HELM's `Runner.run_one` with the hook's executor, on the same answers: every
     stat, but the timings and HELM's worst cases over the perturbations of runs without any; every file."""
-    from helm.benchmark.runner import Runner
 
+    from megatron_eval_hook.helm.reference import plain_runner
     from megatron_eval_hook.helm.runner import _batching_runner
 
     entries = [*BENCHMARKS, "mmlu:subject=demo_facts", "boolq:only_contrast=True,data_augmentation=contrast_sets"]
@@ -221,10 +221,8 @@ def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt,
     list(suite.evaluate(model, iteration=1))
     list(suite.evaluate(model, iteration=2))  # from the kept requests and tokenizations
     ours = tmp_path / "helm" / "runs" / "iter_0000002"
-    batching = _batching_runner(model, suite.helm_dir, "helm", reuse=None).executor
-    options = dict(skip_instances=False, cache_instances=False, cache_instances_only=False, skip_completed_runs=False)
-    reference = Runner(batching.execution_spec, str(suite.helm_dir), "helm", **options, exit_on_error=True)
-    reference.executor = batching
+    reference = plain_runner(suite.helm_dir, "helm")  # HELM's run_one, answered by the hook's executor
+    reference.executor = _batching_runner(model, suite.helm_dir, "helm", reuse=None).executor
     theirs = Path(reference.runs_path)
 
     def without_timings(value):

@@ -44,3 +44,23 @@ def register_hf_deployment(folder: Path, *, name: str, max_sequence_length: int,
         )
     )  # fmt: skip
     return name
+
+
+def plain_runner(helm_dir: Path, suite: str) -> object:
+    """HELM's own `Runner` and `Executor` over `helm_dir` (no batching, no reuse), with the options the
+    hook's runner uses: nothing cached or skipped, the first error raised."""
+    from helm.benchmark.executor import ExecutionSpec
+    from helm.benchmark.runner import Runner
+    from helm.common.authentication import Authentication
+
+    spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(helm_dir / "prod_env"), parallelism=1)
+    return Runner(
+        spec,
+        str(helm_dir),
+        suite,
+        skip_instances=False,
+        cache_instances=False,
+        cache_instances_only=False,
+        skip_completed_runs=False,
+        exit_on_error=True,
+    )
