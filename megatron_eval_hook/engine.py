@@ -95,27 +95,19 @@ class FastAttention(torch.nn.Module):
     to everything cached so far.
     """
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, cache_capacity: int = 0):
         super().__init__()
         self.scale = scale
-        self.keys: torch.Tensor | None = None  # [b, groups, capacity, d]
+        self.capacity = cache_capacity  # positions; 0: no cache
+        self.keys: torch.Tensor | None = None  # [b, groups, capacity, d], allocated by the first call
         self.values: torch.Tensor | None = None
-        self.capacity = 0
         self.filled = 0
-
-    def open_cache(self, capacity: int) -> None:
-        self.keys = self.values = None
-        self.capacity, self.filled = capacity, 0
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop cached batch rows other than `rows`."""
         if self.keys is not None:
             self.keys = self.keys.index_select(0, rows)
             self.values = self.values.index_select(0, rows)
-
-    def close_cache(self) -> None:
-        self.keys = self.values = None
-        self.capacity = self.filled = 0
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
         if attention_bias is not None:
@@ -231,9 +223,8 @@ class Engine:
         originals = [m.core_attention for m in attentions]
         config = self.model.config
         scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        swapped = [FastAttention(scale) for _ in attentions]
+        swapped = [FastAttention(scale, cache_capacity) for _ in attentions]
         for module, fast in zip(attentions, swapped):
-            fast.open_cache(cache_capacity)
             module.core_attention = fast
         try:
             yield swapped
