@@ -449,12 +449,13 @@ class Engine:
                         cache.keep_rows(self._tensor(keep))
                     visible = visible[keep]
                     kept = busy
-                fed = torch.zeros(len(kept), per_row, dtype=torch.long)
+                cache_row = {r: i for i, r in enumerate(kept)}
+                fed = torch.zeros(len(kept), per_row, dtype=torch.long)  # ended slots feed a dummy
                 positions = torch.zeros(len(kept), per_row, dtype=torch.long)
-                for k, (r, j) in slots.items():
-                    if r in kept and taken.get(k) is not None:
-                        fed[kept.index(r), j] = taken[k]
-                        positions[kept.index(r), j] = len(prompts[k]) + step
+                for k in live:
+                    r, j = slots[k]
+                    fed[cache_row[r], j] = taken[k]
+                    positions[cache_row[r], j] = len(prompts[k]) + step
                 column = width + step * per_row  # each slot's new token takes its own column
                 visible[:, torch.arange(per_row), column + torch.arange(per_row)] = True
                 keys = column + per_row
@@ -462,7 +463,7 @@ class Engine:
                     fed.to(self.device),
                     positions.to(self.device),
                     (~visible[:, :, :keys]).unsqueeze(1).to(self.device),
-                    self._tensor([kept.index(slots[k][0]) for k in live]),
+                    self._tensor([cache_row[slots[k][0]] for k in live]),
                     self._tensor([slots[k][1] for k in live]),
                 )
         return state.results()
