@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PLACEMENTS = ("sync",)
-PLACEMENTS_LATER = ("async",)
+PLACEMENTS = ("sync", "async")
+PENDING_POLICIES = ("latest", "all")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -71,7 +72,13 @@ class EvalHookConfig:
     """Everything the hook reads. Relative paths are relative to the working directory."""
 
     enabled: bool = True
-    placement: str = "sync"
+    placement: str = "sync"  # sync: in the training processes; async: in an eval process of its own
+    # Async placement only.
+    eval_device: str = "cpu"  # cpu, or cuda:N, a GPU that training does not use on the last rank's node
+    max_pending: int = 1  # snapshots waiting for the eval process
+    pending_policy: str = "latest"  # latest: a newer snapshot replaces a waiting one; all: training waits for room
+    eval_timeout_s: float = 7200.0  # an evaluation running longer is stopped and recorded failed
+    finish_timeout_s: float = 3600.0  # at the end of training, how long to wait for pending evaluations
     run_name: str | None = None  # null = --wandb-exp-name, else the name of the --save folder
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     benchmarks: list[str] = field(default_factory=lambda: ["default"])
@@ -160,10 +167,17 @@ def check_config(config: EvalHookConfig, where: str = "eval hook config") -> Non
     def bad(key: str, value: Any, fix: str) -> ConfigError:
         return ConfigError(f"{where}: {key}={value!r} is not valid. Fix: {fix}")
 
-    if config.placement in PLACEMENTS_LATER:
-        raise bad("placement", config.placement, "use placement=sync; the async placement is not available yet.")
     if config.placement not in PLACEMENTS:
         raise bad("placement", config.placement, f"use one of {list(PLACEMENTS)}.")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", config.eval_device):
+        raise bad("eval_device", config.eval_device, "use cpu or cuda:N (a GPU training does not use).")
+    if config.max_pending < 1:
+        raise bad("max_pending", config.max_pending, "use 1 or more snapshots.")
+    if config.pending_policy not in PENDING_POLICIES:
+        raise bad("pending_policy", config.pending_policy, f"use one of {list(PENDING_POLICIES)}.")
+    for key in ("eval_timeout_s", "finish_timeout_s"):
+        if getattr(config, key) <= 0:
+            raise bad(key, getattr(config, key), "use a number of seconds > 0.")
     schedule = config.schedule
     if schedule.start < 0:
         raise bad("schedule.start", schedule.start, "use an iteration >= 0.")

@@ -8,6 +8,13 @@ after each save and asks the hook whether this save is to be evaluated.
 Sync placement with data parallelism: the last rank (the one Megatron gives its W&B run)
 evaluates, while the other ranks wait in a barrier of a gloo group of the hook's own with a long
 timeout, so no training collective can time out.
+
+Async placement: every rank copies its shards of the weights into host memory and goes on
+(`placement/async_eval.py`). The hook also wraps `training_log`, to log the scores that arrive
+between iterations. The run's last save (at --train-iters, after `train` returns when off the
+save grid, or at --exit-interval) lets the pending evaluations finish; a job stopping on its exit
+signal or --exit-duration-in-mins records them as not done (`megatron-eval backfill` evaluates
+them later).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from megatron_eval_hook.config import (
 )
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
 from megatron_eval_hook.ledger import Ledger
+from megatron_eval_hook.placement.async_eval import AsyncPlacement
 from megatron_eval_hook.placement.sync import SyncPlacement
 
 logger = logging.getLogger("megatron_eval_hook")
@@ -69,6 +77,8 @@ def install_hook(args: Any, config: EvalHookConfig | None = None) -> EvalHook | 
         return None
     _ACTIVE = EvalHook(config, args)
     _wrap_save_checkpoint()
+    if isinstance(_ACTIVE.placement, AsyncPlacement):
+        _wrap_training_log()
     return _ACTIVE
 
 
@@ -101,13 +111,31 @@ def _wrap_save_checkpoint() -> None:
         module.save_checkpoint = save_checkpoint
 
 
+def _wrap_training_log() -> None:
+    """After each `training_log` (once per iteration, on every rank) the hook logs a score that arrived."""
+    import megatron.training.training as training
+
+    original = training.training_log
+    if getattr(original, "__wrapped_by_eval_hook__", False):
+        return
+
+    @functools.wraps(original)
+    def training_log(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if _ACTIVE is not None:
+            _ACTIVE.after_log()
+        return result
+
+    training_log.__wrapped_by_eval_hook__ = True  # type: ignore[attr-defined]
+    training.training_log = training_log
+
+
 class EvalHook:
     """Decides which saves to evaluate and runs the evaluation with training's state kept intact."""
 
     def __init__(self, config: EvalHookConfig, args: Any):
         self.config = config
         self.args = args
-        self._check_parallelism(args)
         if not args.save:
             raise ConfigError(
                 "--eval-hook-config is set but --save is not: the hook evaluates saved checkpoints. "
@@ -124,16 +152,33 @@ class EvalHook:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
             raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: benchmarks: {error}") from error
-        self.placement = SyncPlacement(
-            config,
-            benchmarks,
-            run=self.run,
-            output_dir=self.output_dir,
-            ledger=Ledger(self.ledger_path) if self.is_evaluating_rank else None,
-            max_sequence_length=config.engine.max_sequence_length or args.seq_length,
-            megatron_args=args,
-            config_path=args.eval_hook_config,
-        )
+        max_sequence_length = config.engine.max_sequence_length or args.seq_length
+        if config.placement == "async":
+            self.placement = AsyncPlacement(
+                config,
+                benchmarks,
+                run=self.run,
+                output_dir=self.output_dir,
+                ledger_path=self.ledger_path,
+                max_sequence_length=max_sequence_length,
+                megatron_args=args,
+                config_path=args.eval_hook_config,
+                rank=self.rank,
+                world_size=self.world_size,
+                evaluating_rank=self.evaluating_rank,
+            )
+        else:
+            self._check_parallelism(args)
+            self.placement = SyncPlacement(
+                config,
+                benchmarks,
+                run=self.run,
+                output_dir=self.output_dir,
+                ledger=Ledger(self.ledger_path) if self.is_evaluating_rank else None,
+                max_sequence_length=max_sequence_length,
+                megatron_args=args,
+                config_path=args.eval_hook_config,
+            )
         self._group = None
         self._evaluated: set[int] = set()
         if self.is_evaluating_rank:
@@ -160,7 +205,7 @@ class EvalHook:
             raise ConfigError(
                 f"the sync placement evaluates on one rank and needs the whole model there, but the run shards it "
                 f"({', '.join(f'{k} {v}' for k, v in sharded.items())}). Fix: use data parallelism only with "
-                "placement=sync; model-parallel evaluation is not available yet."
+                "placement=sync, or placement=async, whose eval process assembles the whole model."
             )
 
     def _check_schedule(self, args: Any) -> None:
@@ -190,6 +235,9 @@ class EvalHook:
         if iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
             return
         self._evaluated.add(iteration)
+        if isinstance(self.placement, AsyncPlacement):
+            self._snapshot(event, model)
+            return
         started = time.perf_counter()
         evaluated = False
         try:
@@ -210,6 +258,22 @@ class EvalHook:
             self._wait_for_evaluating_rank()  # every rank, whatever the evaluating rank did
         if evaluated:
             self.placement.publish(event, blocked_s=time.perf_counter() - started)
+
+    def _snapshot(self, event: SaveEvent, model: Any) -> None:
+        """Async placement, every rank: hand this save's weights to the eval process; at the run's last
+        save (or on the exit signal) let the pending evaluations finish."""
+        exiting = self._exiting_on_signal()
+        try:
+            self.placement.submit(event.iteration, event.tokens, model, exiting=exiting)
+        except Exception:  # an evaluation must never kill training
+            logger.exception("snapshot at iteration %d failed", event.iteration)
+        if event.final or exiting:
+            self.placement.finish(exiting=exiting)
+
+    def after_log(self) -> None:
+        """Async placement: log a score that arrived (main thread, between iterations)."""
+        if isinstance(self.placement, AsyncPlacement):
+            self.placement.publish(at_most=1)
 
     def _exiting_on_signal(self) -> bool:
         """Whether Megatron's exit-signal handler (--exit-signal-handler) caught its signal here."""

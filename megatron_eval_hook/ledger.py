@@ -148,13 +148,35 @@ class Ledger:
     def record_skipped(
         self, run: str, iteration: int, benchmark: str, reason: str, *, placement: str, tokens: int | None = None
     ) -> int:
+        """Record that `benchmark` was not evaluated at `iteration`, and why."""
+        return self._record("skipped", run, iteration, benchmark, reason, placement, tokens)
+
+    def record_failed(
+        self, run: str, iteration: int, benchmark: str, reason: str, *, placement: str, tokens: int | None = None
+    ) -> int:
+        """Record that evaluating `benchmark` at `iteration` failed before it began, and why."""
+        return self._record("failed", run, iteration, benchmark, reason, placement, tokens)
+
+    def _record(
+        self, status: str, run: str, iteration: int, benchmark: str, reason: str, placement: str, tokens: int | None
+    ) -> int:
         with self._connect() as db:
             cursor = db.execute(
                 "INSERT INTO evaluations (run, iteration, benchmark, status, error, started_at, duration_s,"
-                " blocked_s, placement, tokens) VALUES (?, ?, ?, 'skipped', ?, ?, 0, 0, ?, ?)",
-                (run, iteration, benchmark, reason, utc_now(), placement, tokens),
+                " blocked_s, placement, tokens) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+                (run, iteration, benchmark, status, reason, utc_now(), placement, tokens),
             )
             return int(cursor.lastrowid)
+
+    def fail_running(self, run: str, iteration: int, reason: str) -> int:
+        """Mark the attempts at `iteration` still `running` (their process was stopped) as failed; return how many."""
+        with self._connect() as db:
+            cursor = db.execute(
+                "UPDATE evaluations SET status = 'failed', error = ?"
+                " WHERE run = ? AND iteration = ? AND status = 'running'",
+                (reason, run, iteration),
+            )
+            return cursor.rowcount
 
     def set_blocked(self, evaluation_ids: Iterable[int], blocked_s: float) -> None:
         with self._connect() as db:

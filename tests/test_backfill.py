@@ -8,40 +8,12 @@ from pathlib import Path
 
 import pytest
 from cpu_run import CPU_ARGS, PRETRAIN_GPT2, torchrun_command
-from training_runs import FACTS, REPO, TINY, ok
+from training_runs import FACTS, TINY, backfill, ok, scores, statuses
 from wandb_offline import read_run, run_files, series
 
 from megatron_eval_hook.ledger import Ledger
 
 pytestmark = pytest.mark.slow
-
-BENCHMARKS = f"benchmarks=[boolq,'{FACTS}']"
-# HELM's per-run statistics that are measurements of the run, not scores of the model
-TIMINGS = ("inference_runtime", "batch_request_time", "training_co2_cost", "training_energy_cost")
-
-
-def backfill(save_dir: Path, out: Path, demo_data, *extra: str) -> int:
-    from megatron_eval_hook.cli import main
-
-    return main([
-        "backfill", "--checkpoints", str(save_dir), "--config", str(REPO / "conf" / "helm.yaml"),
-        "--override", f"data_dir={demo_data.helm_dir}", "--override", f"output_dir={out}",
-        "--override", "max_eval_instances=2", "--override", BENCHMARKS,
-        "--tensorboard-dir", str(out / "tensorboard"), *extra,
-    ])  # fmt: skip
-
-
-def scores(ledger: Path, iterations=None, placement=None) -> dict[tuple, float]:
-    """(iteration, benchmark, metric, split) -> value of every ok model score in the ledger."""
-    return {
-        (r["iteration"], r["benchmark"], r["metric"], r["split"]): r["value"]
-        for r in Ledger(ledger).results(all_metrics=True)
-        if r["status"] == "ok"
-        and r["benchmark"] != "broken"
-        and not r["metric"].startswith(TIMINGS)
-        and (iterations is None or r["iteration"] in iterations)
-        and (placement is None or r["placement"] == placement)
-    }
 
 
 def backfill_run(folder: Path) -> dict:
@@ -51,10 +23,6 @@ def backfill_run(folder: Path) -> dict:
     wandb.teardown()
     (path,) = run_files(folder)
     return read_run(path)
-
-
-def statuses(ledger: Path) -> list[tuple[int, str, str]]:
-    return sorted((r["iteration"], r["benchmark"], r["status"]) for r in Ledger(ledger).results())
 
 
 @pytest.fixture

@@ -57,9 +57,12 @@ def test_a_config_may_compose_another_one_of_its_folder(tmp_path):
     assert config.max_eval_instances == 3 and config.benchmarks == ["boolq"]
 
 
-def test_async_placement_is_refused_until_it_exists():
-    with pytest.raises(ConfigError, match="placement='async'.*placement=sync"):
-        load_config(CONF, ["placement=async"])
+def test_the_async_placement_takes_its_device_queue_and_timeouts():
+    config = load_config(
+        CONF, ["placement=async", "eval_device=cuda:7", "max_pending=2", "pending_policy=all", "eval_timeout_s=60"]
+    )
+    assert (config.placement, config.eval_device, config.max_pending) == ("async", "cuda:7", 2)
+    assert (config.pending_policy, config.eval_timeout_s, config.finish_timeout_s) == ("all", 60.0, 3600.0)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +74,12 @@ def test_async_placement_is_refused_until_it_exists():
         ("max_eval_instances=0", "max_eval_instances"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("benchmarks=[]", "benchmarks"),
+        ("placement=later", "placement"),
+        ("eval_device=gpu7", "eval_device"),
+        ("max_pending=0", "max_pending"),
+        ("pending_policy=oldest", "pending_policy"),
+        ("eval_timeout_s=0", "eval_timeout_s"),
+        ("finish_timeout_s=-1", "finish_timeout_s"),
     ],
 )
 def test_values_out_of_range_name_their_key(override, key):

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from cpu_run import CPU_ARGS, PRETRAIN_GPT2, torchrun_command
+
+from megatron_eval_hook.ledger import Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS = "facts=mmlu:subject=demo_facts,method=multiple_choice_separate_original"
@@ -21,7 +26,7 @@ TINY = (
 )  # fmt: skip
 
 
-def train(
+def training_command(
     tmp: Path,
     data,
     *,
@@ -33,10 +38,10 @@ def train(
     launcher: bool = False,
     megatron_wandb: bool = True,
     extra: Sequence[str] = (),
-    timeout: int = 600,
-) -> subprocess.CompletedProcess:
-    """Run a tiny pretraining saving into `tmp/checkpoints`; `hook` are --eval-hook-override values (None: no
-    hook); `extra` are more Megatron arguments (e.g. --load to resume)."""
+) -> tuple[list[str], dict[str, str]]:
+    """The torchrun command line and environment of a tiny pretraining saving into `tmp/checkpoints`
+    (run from `data.root`); `hook` are --eval-hook-override values (None: no hook); `extra` are more
+    Megatron arguments (e.g. --load to resume)."""
     args = [
         *TINY, *CPU_ARGS, "--global-batch-size", str(4 * nproc),
         "--train-iters", str(iterations), "--save-interval", str(save_interval), "--save", str(tmp / "checkpoints"),
@@ -51,14 +56,62 @@ def train(
             args += ["--eval-hook-override", override]
     head = [str(REPO / "tests" / "cpu_launch.py"), str(script)] if launcher else [str(script)]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
-    return subprocess.run(
-        torchrun_command([*head, *args], nproc=nproc),
-        cwd=data.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return torchrun_command([*head, *args], nproc=nproc), env
+
+
+def train(tmp: Path, data, *, timeout: int = 600, **options) -> subprocess.CompletedProcess:
+    """Run a tiny pretraining to its end (`training_command`'s options)."""
+    command, env = training_command(tmp, data, **options)
+    return subprocess.run(command, cwd=data.root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class LiveTraining:
+    """A tiny pretraining running in the background, in a session of its own (for signals), its output
+    going to `tmp/output.txt`."""
+
+    def __init__(self, tmp: Path, data, **options):
+        command, env = training_command(tmp, data, **options)
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.output_path = tmp / "output.txt"
+        with open(self.output_path, "w") as output:
+            self.process = subprocess.Popen(
+                command, cwd=data.root, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    @property
+    def output(self) -> str:
+        return self.output_path.read_text()
+
+    def wait_for(self, condition, what: str, timeout: float = 300.0, poll_s: float = 0.02):
+        """Poll `condition()` until it returns something true; return that."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = condition()
+            if found:
+                return found
+            if self.process.poll() is not None and not condition():
+                status = self.process.returncode
+                raise AssertionError(f"training ended (status {status}) before {what}:\n{self.output[-4000:]}")
+            time.sleep(poll_s)
+        raise AssertionError(f"no {what} within {timeout} s:\n{self.output[-4000:]}")
+
+    def saved(self, iteration: int) -> bool:
+        return (self.tmp / "checkpoints" / f"iter_{iteration:07d}").is_dir()
+
+    def eval_processes(self) -> list[int]:
+        """Pids of the eval processes started so far, in order (from the hook's log lines)."""
+        return [int(pid) for pid in re.findall(r"eval process (\d+) ready", self.output)]
+
+    def finish(self, timeout: float = 600.0) -> str:
+        """Wait for the end of training; return its output. Fails if training failed."""
+        try:
+            self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        assert self.process.returncode == 0, self.output[-4000:]
+        return self.output
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -87,3 +140,37 @@ def hooked_run(demo_data, tmp: Path, data_dir: Path) -> tuple[Path, subprocess.C
     """7 iterations saving every 3, the hook evaluating every save (3, 6 and 7, the last)."""
     hook = [HOOKED_BENCHMARKS, f"data_dir={data_dir}", "schedule.every=3"]
     return tmp, ok(train(tmp, demo_data, iterations=7, save_interval=3, hook=hook))
+
+
+BENCHMARKS = f"benchmarks=[boolq,'{FACTS}']"
+# HELM's per-run statistics that are measurements of the run, not scores of the model
+TIMINGS = ("inference_runtime", "batch_request_time", "training_co2_cost", "training_energy_cost")
+
+
+def backfill(save_dir: Path, out: Path, demo_data, *extra: str) -> int:
+    """`megatron-eval backfill` of a run's checkpoints on boolq and facts, into `out`."""
+    from megatron_eval_hook.cli import main
+
+    return main([
+        "backfill", "--checkpoints", str(save_dir), "--config", str(REPO / "conf" / "helm.yaml"),
+        "--override", f"data_dir={demo_data.helm_dir}", "--override", f"output_dir={out}",
+        "--override", "max_eval_instances=2", "--override", BENCHMARKS,
+        "--tensorboard-dir", str(out / "tensorboard"), *extra,
+    ])  # fmt: skip
+
+
+def scores(ledger: Path, iterations=None, placement=None) -> dict[tuple, float]:
+    """(iteration, benchmark, metric, split) -> value of every ok model score in the ledger."""
+    return {
+        (r["iteration"], r["benchmark"], r["metric"], r["split"]): r["value"]
+        for r in Ledger(ledger).results(all_metrics=True)
+        if r["status"] == "ok"
+        and r["benchmark"] != "broken"
+        and not r["metric"].startswith(TIMINGS)
+        and (iterations is None or r["iteration"] in iterations)
+        and (placement is None or r["placement"] == placement)
+    }
+
+
+def statuses(ledger: Path) -> list[tuple[int, str, str]]:
+    return sorted((r["iteration"], r["benchmark"], r["status"]) for r in Ledger(ledger).results())

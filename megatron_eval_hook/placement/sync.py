@@ -13,16 +13,19 @@ from megatron_eval_hook.config import EvalHookConfig
 from megatron_eval_hook.evaluator import Evaluator
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.ledger import Ledger
-from megatron_eval_hook.sinks.tensorboard import TensorBoardSink
-from megatron_eval_hook.sinks.wandb import WandbSink, run_id_file
+from megatron_eval_hook.sinks import training_sinks
+
+
+def unwrap_chunks(model: Any) -> list[Any]:
+    """The bare `GPTModel`s inside Megatron's list of (DDP / Float16Module wrapped) model chunks."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(model if isinstance(model, list) else [model])
 
 
 def unwrap_gpt_model(model: Any) -> Any:
-    """The bare `GPTModel` inside Megatron's list of (DDP / Float16Module wrapped) model chunks."""
-    from megatron.core.utils import unwrap_model
-
-    chunks = model if isinstance(model, list) else [model]
-    return unwrap_model(chunks)[0]
+    """The bare `GPTModel` of a model that is not split into pipeline chunks."""
+    return unwrap_chunks(model)[0]
 
 
 class SyncPlacement:
@@ -45,19 +48,6 @@ class SyncPlacement:
         self.evaluator: Evaluator | None = None
         if ledger is None:
             return  # not the evaluating rank: it only waits
-        sinks: list[Any] = []
-        if config.wandb.enabled:
-            sinks.append(
-                WandbSink(
-                    config.wandb,
-                    run_name=run,
-                    default_dir=output_dir,
-                    default_project=getattr(megatron_args, "wandb_project", None),
-                    run_id_file=run_id_file(output_dir),
-                )
-            )
-        if config.tensorboard.enabled:
-            sinks.append(TensorBoardSink())
         self.evaluator = Evaluator(
             config,
             benchmarks,
@@ -66,7 +56,7 @@ class SyncPlacement:
             ledger=ledger,
             max_sequence_length=max_sequence_length,
             placement=self.name,
-            sinks=sinks,
+            sinks=training_sinks(config, run=run, output_dir=output_dir, megatron_args=megatron_args),
             where=f"--eval-hook-config {config_path}",
         )
 

@@ -75,6 +75,7 @@ class WandbSink:
         self.job_type = job_type
         self._run: Any = None
         self._own_run = False
+        self._last_step: int | None = None  # the W&B step of the latest row logged here
 
     def _attach(self) -> Any:
         import wandb
@@ -105,15 +106,17 @@ class WandbSink:
         return self._run
 
     def log(self, iteration: int, values: dict[str, float]) -> None:
+        """One W&B row holding `values` and `eval/iteration`: the row of the training loss at `iteration`
+        when W&B is not past it yet, else the row being written (a late result). Steps never go back
+        (W&B drops such rows), and two results never share a row (the second would overwrite the
+        first's `eval/iteration`): a second result for the same row opens the next one, so a caller
+        logging late results logs at most one per training step while Megatron still logs."""
         run = self._attach()
-        row = {STEP_KEY: iteration, **values}
-        if run.step <= iteration:
-            # Same row as the training loss of this iteration; W&B steps must not go back.
-            run.log(row, step=iteration)
-        elif self._own_run:
-            run.log(row)  # a resumed run already past this iteration: a row of its own, still at eval/iteration
-        else:
-            run.log(row, commit=False)  # joins Megatron's next row
+        step = max(iteration, run.step)
+        if step == self._last_step:
+            step += 1
+        run.log({STEP_KEY: iteration, **values}, step=step)
+        self._last_step = step
 
     def close(self) -> None:
         if self._own_run and self._run is not None:
