@@ -122,7 +122,8 @@ class SharedBuffer:
             fd = os.memfd_create("megatron-eval-snapshot", os.MFD_CLOEXEC)
             os.ftruncate(fd, max(nbytes, 1))
         self.fd = fd
-        self._map = mmap.mmap(fd, max(nbytes, 1))
+        # Pages mapped now: a snapshot copy must not pay the page faults of fresh memory.
+        self._map = mmap.mmap(fd, max(nbytes, 1), flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0)
         self._pinned = False
         if nbytes and torch.cuda.is_available():

@@ -1,4 +1,5 @@
-"""bench/throughput.py: its accounting and data conversion (the benchmark itself is run by hand)."""
+"""The benchmarks: bench/throughput.py's accounting and data conversion (it is run by hand), and bench/stall.py
+run end to end (its figure is not checked here)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,15 @@ def test_hellaswag_text_export_becomes_helm_rows(bench, tmp_path):
     )
     assert first["endings"][first["label"]] == "starts pulling."
     assert (val[1]["ctx_a"], val[1]["ctx_b"]) == ("Mix the flour", "")
+
+
+@pytest.mark.slow
+def test_the_stall_benchmark_runs_the_async_hook_and_prints_its_ratio():
+    import subprocess
+
+    script = BENCH.parent / "stall.py"
+    result = subprocess.run([sys.executable, str(script), "--rounds", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "model: 124.5M parameters" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT stall_ratio=") and float(last.partition("=")[2]) > 0

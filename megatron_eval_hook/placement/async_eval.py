@@ -424,14 +424,20 @@ class AsyncPlacement:
             )
             return
         timeout = self.config.finish_timeout_s
-        deadline = time.monotonic() + timeout
-        waiting = not self._idle()
-        if waiting:
+        if not self._idle():
             logger.info("end of training: waiting up to %g s for the pending evaluations", timeout)
-        while not self._idle() and time.monotonic() < deadline:
-            self.publish()  # training is over: Megatron logs no more steps
-            self.slots.wait_changed(0.2)
+        self.wait(timeout)  # training is over: Megatron logs no more steps, every score can go now
         self._stop(f"not finished within finish_timeout_s={timeout:g} s after the end of training")
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every snapshot to be evaluated, logging the scores as they
+        come; return whether all were."""
+        deadline = time.monotonic() + timeout
+        while not self._idle() and time.monotonic() < deadline:
+            self.publish()
+            self.slots.wait_changed(0.2)
+        self.publish()
+        return self._idle()
 
     def _idle(self) -> bool:
         return self._in_flight is None and self.slots.idle()

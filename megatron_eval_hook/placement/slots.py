@@ -39,7 +39,7 @@ class Taken:
 
 
 class Slots:
-    """The queue; thread-safe. `make_buffer()` creates a buffer the first time a slot is used."""
+    """The queue; thread-safe. `make_buffer()` creates the buffers when the first snapshot comes."""
 
     def __init__(self, max_pending: int, policy: str, make_buffer: Callable[[], Any]):
         if policy not in ("latest", "all"):
@@ -83,8 +83,9 @@ class Slots:
                 jobs = [old.job for old in replaced]
                 for old in replaced:
                     old.state, old.job = FREE, None
-                if slot.buffer is None:
-                    slot.buffer = self._make_buffer()
+                if slot.buffer is None:  # the first snapshot: all at once, not in the middle of training
+                    for each in self._slots:
+                        each.buffer = self._make_buffer()
                 self._taken += 1
                 slot.state, slot.job, slot.order = FILLING, job, self._taken
                 return Taken(slot, jobs, time.perf_counter() - started)
