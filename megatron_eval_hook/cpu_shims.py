@@ -1,7 +1,8 @@
 """CPU shims: let the real Megatron-LM training loop run on a machine without CUDA.
 
-FOR THE CPU DEMO, THE TESTS, AND `megatron-eval backfill` ON A MACHINE WITHOUT CUDA. The hook
-itself never imports this module, and nothing here is needed (or applied) on a GPU machine.
+FOR THE CPU DEMO, THE TESTS, `megatron-eval backfill` ON A MACHINE WITHOUT CUDA, AND THE ASYNC
+EVAL PROCESS WITH `eval_device: cpu` (where CUDA is hidden from it). The hook in the training
+process never imports this module; nothing here is applied where CUDA is in use.
 
 megatron-core 0.19.2 assumes CUDA in many places. ``apply()`` installs the smallest set of
 process-wide patches we measured (docs/research/megatron-cpu.md, sections 1-3 and 7) so that

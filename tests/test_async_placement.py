@@ -130,8 +130,8 @@ def test_all_policy_makes_training_wait_for_room_and_logs_the_wait(demo_data, tm
     (worker,) = training.wait_for(training.eval_processes, "eval process")
     training.wait_for(lambda: training.saved(1), "save 1")
     stop(worker)
-    training.wait_for(lambda: training.saved(3), "save 3")  # 1 or 2 in the stopped process, 2 or 3 waiting
-    time.sleep(2.0)
+    training.wait_for(lambda: training.saved(3), "save 3")  # 1 or 2 in the stopped process, 3 or 4 waits for room
+    time.sleep(3.0)
     resume(worker)
     training.finish()
 
@@ -139,19 +139,18 @@ def test_all_policy_makes_training_wait_for_room_and_logs_the_wait(demo_data, tm
     assert statuses(tmp_path / "eval" / "ledger.sqlite") == [
         (i, b, "ok") for i in range(1, 7) for b in ("boolq", "facts")
     ]
-    assert max(r["blocked_s"] for r in rows) > 2.0  # a save waited for the stopped process
+    assert max(r["blocked_s"] for r in rows) > 1.5  # a save waited for the stopped process
     (path,) = run_files(tmp_path / "wandb")
     blocked = dict(series(read_run(path), "eval/blocked_s", x="eval/iteration"))
-    assert sorted(blocked) == list(range(1, 7)) and max(blocked.values()) > 2.0
+    assert sorted(blocked) == list(range(1, 7)) and max(blocked.values()) > 1.5
 
 
 def test_a_killed_eval_process_fails_its_evaluation_and_is_restarted(demo_data, tmp_path):
     training = LiveTraining(tmp_path, demo_data, iterations=8, save_interval=2, hook=[*ASYNC, "pending_policy=all"])
     (worker,) = training.wait_for(training.eval_processes, "eval process")
     training.wait_for(lambda: training.saved(2), "save 2")
-    stop(worker)  # whatever it was doing, a job is in flight once the next save comes
-    training.wait_for(lambda: training.saved(4), "save 4")
-    time.sleep(0.5)
+    stop(worker)  # 2 or 4 is in flight in it once save 6 is made (6 then waits for room)
+    training.wait_for(lambda: training.saved(6), "save 6")
     os.kill(worker, signal.SIGKILL)
     output = training.finish()
 
@@ -166,7 +165,7 @@ def test_a_killed_eval_process_fails_its_evaluation_and_is_restarted(demo_data, 
 
 
 def test_a_hanging_evaluation_times_out_and_the_process_is_recycled(demo_data, tmp_path):
-    hook = [*ASYNC, "pending_policy=all", "eval_timeout_s=8"]
+    hook = [*ASYNC, "pending_policy=all", "eval_timeout_s=20"]
     training = LiveTraining(tmp_path, demo_data, iterations=6, save_interval=2, hook=hook)
     (worker,) = training.wait_for(training.eval_processes, "eval process")
     training.wait_for(lambda: training.saved(2), "save 2")
@@ -175,7 +174,7 @@ def test_a_hanging_evaluation_times_out_and_the_process_is_recycled(demo_data, t
 
     rows = ledger_rows(tmp_path)
     failed = [r for r in rows if r["status"] == "failed"]
-    assert failed and all("timed out" in r["error"] and "eval_timeout_s=8" in r["error"] for r in failed)
+    assert failed and all("timed out" in r["error"] and "eval_timeout_s=20" in r["error"] for r in failed)
     assert {r["status"] for r in rows if r["iteration"] == 6} == {"ok"}
     assert len(training.eval_processes()) == 2
     assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE

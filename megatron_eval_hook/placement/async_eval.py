@@ -292,17 +292,28 @@ class AsyncPlacement:
         import torch.distributed as dist
 
         while True:
-            self._to_send.get()
-            dist.send(self._staging, dst=self.evaluating_rank, group=self._group)
-            self._sent.set()
+            iteration = self._to_send.get()
+            try:
+                dist.send(self._staging, dst=self.evaluating_rank, group=self._group)
+            except Exception:  # the last rank records the snapshot as failed; training must not wait on it
+                logger.exception("rank %d: sending the snapshot of iteration %d failed", self.rank, iteration)
+            finally:
+                self._sent.set()
 
     def _receive(self) -> None:
         import torch.distributed as dist
 
         while True:
             slot = self._to_receive.get()
-            for rank, base, nbytes in self._senders:
-                dist.recv(slot.buffer.tensor[base : base + nbytes], src=rank, group=self._group)
+            snapshot = slot.job
+            try:
+                for rank, base, nbytes in self._senders:
+                    dist.recv(slot.buffer.tensor[base : base + nbytes], src=rank, group=self._group)
+            except Exception as error:  # an incomplete snapshot is never evaluated
+                logger.exception("receiving the snapshot of iteration %d failed", snapshot.iteration)
+                self._record("failed", snapshot, f"the snapshot did not arrive from every rank: {error}")
+                self.slots.release(slot, snapshot)
+                continue
             self.slots.filled(slot)
 
     # --- the eval process, watched from the manager thread of the last rank ---

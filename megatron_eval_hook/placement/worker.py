@@ -67,9 +67,7 @@ def _select_device(device: str) -> None:
         return
     index = int(device.partition(":")[2] or 0)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        index = int(visible.split(",")[index])
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
 
 
 def serve(connection: Connection, device: str) -> None:
