@@ -1,6 +1,7 @@
 """The CPU demo: a tiny GPT-2 pretraining whose every save is evaluated with HELM in-process.
 
     python examples/pretrain_gpt2/demo.py --out outputs/demo      (what `make demo` runs)
+    python examples/pretrain_gpt2/demo.py --out outputs/demo-async --override placement=async
 
 1. Generates the demo's data (corpus, BPE tokenizer, Megatron .bin/.idx, HELM benchmark files).
 2. Runs Megatron's real training loop (`pretrain_gpt2.py` under torchrun, one CPU process) with
@@ -48,7 +49,7 @@ TRAINING_ARGS = [
 ]  # fmt: skip
 
 
-def train(out: Path, data, iterations: int, save_interval: int) -> None:
+def train(out: Path, data, iterations: int, save_interval: int, overrides: list[str]) -> None:
     command = torchrun_command([
         str(PRETRAIN_GPT2), *MODEL_ARGS, *TRAINING_ARGS, *CPU_ARGS,
         "--train-iters", str(iterations), "--save-interval", str(save_interval),
@@ -62,6 +63,7 @@ def train(out: Path, data, iterations: int, save_interval: int) -> None:
         "--eval-hook-override", f"data_dir={data.helm_dir}",
         "--eval-hook-override", f"output_dir={out / 'eval'}",
         "--eval-hook-override", f"ledger={out / 'ledger.sqlite'}",
+        *(flag for override in overrides for flag in ("--eval-hook-override", override)),
     ])  # fmt: skip
     env = {
         **os.environ,
@@ -124,6 +126,9 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--save-interval", type=int, default=25)
     parser.add_argument("--min-rise", type=float, default=0.3)
+    parser.add_argument(
+        "--override", action="append", default=[], metavar="KEY=VALUE", help="one more hook config override"
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     if out.exists():
@@ -131,7 +136,7 @@ def main() -> int:
     started = time.time()
     data = make_demo_data(out / "data")
     print(f"demo data written to {data.root} in {time.time() - started:.1f} s")
-    train(out, data, args.iterations, args.save_interval)
+    train(out, data, args.iterations, args.save_interval, args.override)
     status = report(out, args.iterations, args.save_interval, args.min_rise)
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return status
