@@ -152,33 +152,27 @@ class EvalHook:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
             raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: benchmarks: {error}") from error
-        max_sequence_length = config.engine.max_sequence_length or args.seq_length
+        common = dict(
+            run=self.run,
+            output_dir=self.output_dir,
+            max_sequence_length=config.engine.max_sequence_length or args.seq_length,
+            megatron_args=args,
+            config_path=args.eval_hook_config,
+        )
         if config.placement == "async":
             self.placement = AsyncPlacement(
                 config,
                 benchmarks,
-                run=self.run,
-                output_dir=self.output_dir,
                 ledger_path=self.ledger_path,
-                max_sequence_length=max_sequence_length,
-                megatron_args=args,
-                config_path=args.eval_hook_config,
                 rank=self.rank,
                 world_size=self.world_size,
                 evaluating_rank=self.evaluating_rank,
+                **common,
             )
         else:
             self._check_parallelism(args)
-            self.placement = SyncPlacement(
-                config,
-                benchmarks,
-                run=self.run,
-                output_dir=self.output_dir,
-                ledger=Ledger(self.ledger_path) if self.is_evaluating_rank else None,
-                max_sequence_length=max_sequence_length,
-                megatron_args=args,
-                config_path=args.eval_hook_config,
-            )
+            ledger = Ledger(self.ledger_path) if self.is_evaluating_rank else None
+            self.placement = SyncPlacement(config, benchmarks, ledger=ledger, **common)
         self._group = None
         self._evaluated: set[int] = set()
         if self.is_evaluating_rank:
