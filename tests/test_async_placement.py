@@ -221,3 +221,37 @@ def test_no_eval_process_outlives_an_interrupted_training_job(interrupt, demo_da
     while not eval_process_gone(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert eval_process_gone(worker), training.output[-3000:]
+
+
+def test_what_cannot_finish_after_training_is_recorded_with_the_reason(demo_data, tmp_path):
+    hook = [*ASYNC, "finish_timeout_s=3"]
+    training = LiveTraining(tmp_path, demo_data, iterations=4, save_interval=2, hook=hook)
+    (worker,) = training.wait_for(training.eval_processes, "eval process")
+    training.wait_for(lambda: training.saved(2), "save 2")
+    stop(worker)  # never finishes: 2 (or 4) in it, 4 waiting
+    started = time.monotonic()
+    training.finish()
+
+    assert time.monotonic() - started < 60
+    rows = {r["iteration"]: r for r in ledger_rows(tmp_path) if r["benchmark"] == "facts"}
+    assert rows[4]["status"] in ("skipped", "failed")
+    assert "not finished within finish_timeout_s=3 s after the end of training" in rows[4]["error"]
+    assert eval_process_gone(worker)
+
+
+def test_on_the_exit_signal_pending_snapshots_are_skipped_and_the_job_stops(demo_data, tmp_path):
+    training = LiveTraining(
+        tmp_path, demo_data, iterations=100000, save_interval=3, hook=ASYNC, extra=["--exit-signal-handler"]
+    )
+    (worker,) = training.wait_for(training.eval_processes, "eval process")
+    training.wait_for(lambda: training.saved(3), "save 3")
+    stop(worker)  # busy: the saves after it wait
+    (rank,) = psutil.Process(training.process.pid).children()
+    rank.send_signal(signal.SIGTERM)  # as a scheduler preempting the job does
+    training.finish(timeout=120)
+
+    rows = ledger_rows(tmp_path)
+    last = max(r["iteration"] for r in rows)
+    assert last > 3 and {r["status"] for r in rows if r["iteration"] == last} == {"skipped"}
+    assert all("exit signal" in r["error"] for r in rows if r["iteration"] == last)
+    assert eval_process_gone(worker)

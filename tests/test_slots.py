@@ -15,7 +15,7 @@ def queue(max_pending: int, policy: str) -> Slots:
 
 
 def complete(slots: Slots, job) -> None:
-    slots.filled(slots.take(job).slot)
+    slots.filled(slots.take(job).slot, job)
 
 
 def test_latest_replaces_the_oldest_waiting_snapshot():
@@ -25,7 +25,7 @@ def test_latest_replaces_the_oldest_waiting_snapshot():
     complete(slots, 2)
     taken = slots.take(3)
     assert taken.replaced == [2] and taken.waited_s < 0.1
-    slots.filled(taken.slot)
+    slots.filled(taken.slot, 3)
     slots.release(loading, 1)
     assert slots.next().job == 3
 
@@ -37,7 +37,7 @@ def test_latest_keeps_max_pending_snapshots_waiting():
         complete(slots, job)
     taken = slots.take(3)
     assert taken.replaced == [1]
-    slots.filled(taken.slot)
+    slots.filled(taken.slot, 3)
     assert [slots.next().job for _ in range(2)] == [2, 3]
 
 
@@ -77,7 +77,7 @@ def test_host_memory_never_exceeds_max_pending_plus_one_snapshots(policy, max_pe
     for job in range(200):
         slot = slots.take(job).slot
         states.append([s.state for s in slots._slots])
-        slots.filled(slot)
+        slots.filled(slot, job)
     worker.join()
     assert slots.buffers <= max_pending + 1
     assert all(sum(s in (FILLING, PENDING) for s in row) <= max_pending for row in states)
@@ -92,3 +92,11 @@ def test_a_slot_freed_and_taken_again_is_not_freed_by_its_previous_job():
     taken = slots.take(2)
     slots.release(loading, 1)  # the evaluation of 1 ends
     assert taken.slot.state == FILLING and taken.slot.job == 2
+
+
+def test_a_dropped_snapshot_completed_later_does_not_come_back():
+    slots = queue(1, "latest")
+    taken = slots.take(1)
+    assert slots.drop_waiting() == [1]  # e.g. the job stops while a rank's shards are still arriving
+    slots.filled(taken.slot, 1)
+    assert slots.next(timeout=0) is None

@@ -207,6 +207,7 @@ class AsyncPlacement:
         self._in_flight: Snapshot | None = None
         self._begun = False  # whether the eval process opened the ledger rows of the evaluation in flight
         self._abort: str | None = None  # why the evaluation in flight is to be stopped
+        self._skipping: str | None = None  # why no snapshot is evaluated any more (the job is stopping)
         self._manager = threading.Thread(target=self._manage, name="eval-hook-manager", daemon=True)
         self._manager.start()
         atexit.register(self._at_exit)
@@ -232,7 +233,8 @@ class AsyncPlacement:
                 self._to_send.put(iteration)
             return time.perf_counter() - started
         snapshot = Snapshot(iteration, tokens)
-        taken = self.slots.take(snapshot, wait=not exiting)
+        # Even when nothing more is evaluated, the other ranks' shards are received (they send them).
+        taken = self.slots.take(snapshot, wait=not (exiting or self._skipping))
         for replaced in taken.replaced:
             self._record(
                 "skipped",
@@ -240,12 +242,13 @@ class AsyncPlacement:
                 f"replaced by the snapshot of iteration {iteration} before the eval process was free "
                 f"(pending_policy=latest, max_pending={self.config.max_pending})",
             )
-        copy_into(taken.slot.buffer.tensor, self._sources, base=self._own_base)
+        if self._skipping is None:
+            copy_into(taken.slot.buffer.tensor, self._sources, base=self._own_base)
         snapshot.blocked_s = time.perf_counter() - started
         if self._senders:
             self._to_receive.put(taken.slot)
         else:
-            self.slots.filled(taken.slot)
+            self.slots.filled(taken.slot, snapshot)
         return snapshot.blocked_s
 
     def _prepare(self, model: Any) -> None:
@@ -314,7 +317,7 @@ class AsyncPlacement:
                 self._record("failed", snapshot, f"the snapshot did not arrive from every rank: {error}")
                 self.slots.release(slot, snapshot)
                 continue
-            self.slots.filled(slot)
+            self.slots.filled(slot, snapshot)
 
     # --- the eval process, watched from the manager thread of the last rank ---
 
@@ -326,7 +329,10 @@ class AsyncPlacement:
             snapshot = slot.job
             self._in_flight, self._begun = snapshot, False
             try:
-                self._evaluate(slot, snapshot)
+                if self._skipping is not None:
+                    self._record("skipped", snapshot, self._skipping)
+                else:
+                    self._evaluate(slot, snapshot)
             except Exception as error:  # never let the manager die: the next save must still be evaluated
                 logger.exception("async evaluation of iteration %d failed", snapshot.iteration)
                 self._fail(snapshot, f"{type(error).__name__}: {error}", begun=self._begun)
@@ -422,18 +428,20 @@ class AsyncPlacement:
     def finish(self, exiting: bool = False) -> None:
         """At the end of training: let the pending evaluations finish (up to `finish_timeout_s`; not at
         all when `exiting` on a signal), log them, record the rest as not done, stop the eval process."""
-        if self._finished:
-            return
-        self._finished = True
         if not self.is_evaluating_rank:
             self._sent.wait()  # the last rank still needs this rank's last snapshot
             return
+        if self._finished:
+            return
         if exiting:
-            self._stop(
+            # Ranks see the signal at different saves: this one keeps receiving the others' snapshots,
+            # recording each as skipped, until the process exits.
+            self._skip_from_now(
                 "the job received its exit signal and is stopping: not evaluated (megatron-eval backfill "
                 "evaluates this save later)"
             )
             return
+        self._finished = True
         timeout = self.config.finish_timeout_s
         if not self._idle():
             logger.info("end of training: waiting up to %g s for the pending evaluations", timeout)
@@ -453,6 +461,14 @@ class AsyncPlacement:
     def _idle(self) -> bool:
         return self._in_flight is None and self.slots.idle()
 
+    def _skip_from_now(self, reason: str) -> None:
+        """Record what is pending as not done and stop the evaluation in flight, with `reason`, and evaluate
+        nothing more (the eval process is stopped)."""
+        if self._skipping is None:
+            self._skipping = self._abort = reason
+            for snapshot in self.slots.drop_waiting():
+                self._record("skipped", snapshot, reason)
+
     def _stop(self, reason: str) -> None:
         """Record what is still pending or running as not done (with `reason`), stop the eval process."""
         self._abort = reason  # the manager stops the evaluation in flight, if any, and records it failed
@@ -466,7 +482,7 @@ class AsyncPlacement:
     def _at_exit(self) -> None:
         if not self._finished:
             self._finished = True
-            self._stop("the training process exited before this evaluation finished")
+            self._stop(self._skipping or "the training process exited before this evaluation finished")
 
 
 def _picklable(args: Any) -> Any:

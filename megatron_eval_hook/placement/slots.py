@@ -90,11 +90,13 @@ class Slots:
                 slot.state, slot.job, slot.order = FILLING, job, self._taken
                 return Taken(slot, jobs, time.perf_counter() - started)
 
-    def filled(self, slot: Slot) -> None:
-        """The snapshot in `slot` is complete: it waits for the eval process."""
+    def filled(self, slot: Slot, job: Any) -> None:
+        """The snapshot of `job` in `slot` is complete: it waits for the eval process (unless it was
+        dropped meanwhile)."""
         with self._changed:
-            slot.state = PENDING
-            self._changed.notify_all()
+            if slot.job is job and slot.state == FILLING:
+                slot.state = PENDING
+                self._changed.notify_all()
 
     def next(self, timeout: float | None = None) -> Slot | None:
         """The oldest complete snapshot, now `loading`; None when none came within `timeout` seconds."""
