@@ -82,10 +82,17 @@ def test_async_scores_are_in_the_training_runs_wandb_and_tensorboard(async_hooke
     assert [e.step for e in events.Scalars("eval/facts/exact_match")] == [3, 6, 7]
 
 
-@pytest.mark.parametrize("layout", ["--tensor-model-parallel-size", "--pipeline-model-parallel-size"])
-def test_model_parallel_shards_are_assembled_into_the_checkpoints_model(layout, demo_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param([], id="DP=2"),  # rank 0 holds the only main replicas, the last rank none
+        pytest.param(["--tensor-model-parallel-size", "2"], id="TP=2"),
+        pytest.param(["--pipeline-model-parallel-size", "2"], id="PP=2"),
+    ],
+)
+def test_shards_of_two_ranks_are_assembled_into_the_checkpoints_model(layout, demo_data, tmp_path, monkeypatch):
     hooked = tmp_path / "hooked"
-    run = dict(iterations=4, save_interval=2, nproc=2, extra=[layout, "2"])
+    run = dict(iterations=4, save_interval=2, nproc=2, extra=layout)
     ok(train(hooked, demo_data, hook=[*ASYNC, "pending_policy=all"], **run))
     assert statuses(hooked / "eval" / "ledger.sqlite") == [(i, b, "ok") for i in (2, 4) for b in ("boolq", "facts")]
 
