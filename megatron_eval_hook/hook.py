@@ -254,8 +254,8 @@ class EvalHook:
             self.placement.publish(event, blocked_s=time.perf_counter() - started)
 
     def _snapshot(self, event: SaveEvent, model: Any) -> None:
-        """Async placement, every rank: hand this save's weights to the eval process; at the run's last
-        save (or on the exit signal) let the pending evaluations finish."""
+        """Async placement, every rank: hand this save's weights to the eval process. At the run's last
+        save, let the pending evaluations finish; on the exit signal, record them as not done."""
         exiting = self._exiting_on_signal()
         try:
             self.placement.submit(event.iteration, event.tokens, model, exiting=exiting)
