@@ -33,9 +33,10 @@ import torch
 # finish reasons, as HELM's clients report them
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 
-# Scoring packs requests into rows of at least this many tokens (more when one request is longer);
-# generation, into rows twice as long as that. Attention over a row is dense: longer rows share
-# more prefixes but pay more for attention between positions that cannot see each other.
+# Scoring packs requests into rows of at least this many tokens (more when one request is longer),
+# generation the parts of its prompts after their common trunk. Attention over a row is dense:
+# longer rows share more prefixes but pay more for attention between positions that cannot see
+# each other.
 ROW_TOKENS = 512
 
 
@@ -103,6 +104,11 @@ class FastAttention(torch.nn.Module):
         self.values: torch.Tensor | None = None
         self.filled = 0
 
+    def repeat_rows(self, count: int) -> None:
+        """Make the cache of one batch row (a shared trunk) the cache of `count` rows."""
+        self.keys = self.keys.expand(count, -1, -1, -1).clone()
+        self.values = self.values.expand(count, -1, -1, -1).clone()
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop cached batch rows other than `rows`."""
         if self.keys is not None:
@@ -159,6 +165,14 @@ class _PackedRow:
                 allowed[i] = allowed[parent]
             allowed[i, i] = True
         return allowed
+
+
+def _common_trunk(prompts: Sequence[Sequence[int]]) -> Sequence[int]:
+    """The longest prefix of every prompt that leaves each of them at least one token of its own."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    length = min(shortest - 1, min(_common_prefix(first, p) for p in prompts))
+    return first[: max(length, 0)]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -413,30 +427,48 @@ class Engine:
         return state.results()
 
     def _generate_cached(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
-        """Prompts packed into prefix trees (shared in-context examples computed once), then decoded
-        with a key/value cache: each request's new tokens attend to its prompt's nodes and its own
-        earlier tokens. Each row of the batch decodes all of its requests in one step."""
+        """Prompts decoded with a key/value cache. The prompts' common trunk (HELM's in-context
+        examples, the same at the start of every prompt) is computed once and its keys and values
+        copied into the cache of every row; the rest of the prompts are packed into prefix trees
+        after it, a few per row. Each request's new tokens attend to the trunk, its prompt's nodes
+        and its own earlier tokens, and each row decodes all of its requests in one step."""
         state = _Greedy(requests, self.end_of_text)
         if not state.live:
             return state.results()
-        # rows twice the longest prompt: a few requests share each copy of their in-context examples
-        rows = self._pack(prompts, 2 * max(self.row_tokens, max(len(p) for p in prompts)))
+        trunk = len(_common_trunk(prompts))
+        rows = self._pack([p[trunk:] for p in prompts], self.row_tokens)
         slots = {k: (r, j) for r, row in enumerate(rows) for j, k in enumerate(row.paths)}  # request -> (row, slot)
         per_row = max(len(row.paths) for row in rows)
         width = max(len(row.tokens) for row in rows)
-        capacity = width + per_row * max(r.max_new_tokens for r in requests)
+        capacity = trunk + width + per_row * max(r.max_new_tokens for r in requests)
         # visible[row, slot]: the cached positions the slot's next token attends to
         visible = torch.zeros(len(rows), per_row, capacity, dtype=torch.bool)
+        visible[:, :, :trunk] = True
         for k, (r, j) in slots.items():
-            visible[r, j, rows[r].paths[k]] = True
-        kept = list(range(len(rows)))  # the batch rows still in the cache
+            visible[r, j, trunk + torch.tensor(rows[r].paths[k])] = True
         with self._fast_attention(cache_capacity=capacity) as caches:
+            tokens, positions, masked = self._tree_inputs(rows)
+            if trunk:
+                self._forward(  # fills each layer's cache; the logits are not used
+                    self._padded([prompts[0][:trunk]], trunk),
+                    self._tensor(range(trunk)).unsqueeze(0),
+                    self._causal(trunk),
+                    self._tensor([0]),
+                    self._tensor([trunk - 1]),
+                )
+                for cache in caches:
+                    cache.repeat_rows(len(rows))
+                positions = positions + trunk
+                masked = torch.cat([masked.new_zeros(len(rows), 1, width, trunk), masked], dim=-1)
             live = state.live
             logits = self._forward(
-                *self._tree_inputs(rows),
+                tokens,
+                positions,
+                masked,
                 self._tensor([slots[k][0] for k in live]),
                 self._tensor([rows[slots[k][0]].paths[k][-1] for k in live]),
             )
+            kept = list(range(len(rows)))  # the batch rows still in the cache
             for step in range(capacity):
                 taken = dict(zip(live, state.step(live, logits)))
                 live = state.live
@@ -456,7 +488,7 @@ class Engine:
                     r, j = slots[k]
                     fed[cache_row[r], j] = taken[k]
                     positions[cache_row[r], j] = len(prompts[k]) + step
-                column = width + step * per_row  # each slot's new token takes its own column
+                column = trunk + width + step * per_row  # each slot's new token takes its own column
                 visible[:, torch.arange(per_row), column + torch.arange(per_row)] = True
                 keys = column + per_row
                 logits = self._forward(

@@ -117,6 +117,18 @@ def test_cached_generation_over_many_packed_rows_matches_the_plain_path(model, c
         assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
 
 
+def test_prompts_sharing_a_trunk_generate_as_they_would_alone(model, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    trunk = [(5 * i) % 60 + 1 for i in range(40)]  # the in-context examples every prompt starts with
+    requests = [GenerationRequest(trunk + [i % 60, (3 * i) % 60][: 1 + i % 2], 3 + i % 4) for i in range(12)]
+    requests.append(GenerationRequest(trunk[:30], 3))  # the shortest prompt bounds the trunk
+    cached = engine(model, vocab, batch_size=13, row_tokens=4).generate(requests)
+    plain = engine(model, vocab, fast=False, batch_size=1).generate(requests)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for c, p in zip(cached, plain):
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+
+
 def test_rotary_positions_take_the_plain_path(megatron_world, char_tokenizer):
     vocab = char_tokenizer.vocab_size
     rotary = tiny_gpt(vocab, position_embedding_type="rope", init_method_std=0.5)
