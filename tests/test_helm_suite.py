@@ -253,26 +253,23 @@ def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt,
 def test_changed_data_files_are_read_again(tmp_path, demo_data, in_process):
     data = tmp_path / "data"
     shutil.copytree(demo_data.helm_dir / "boolq", data / "boolq")
-    suite = HelmSuite(
-        resolve_benchmarks(["boolq"]),
-        model_key="suite-test",
-        data_dir=data,
-        output_dir=tmp_path / "warm",
-        max_sequence_length=1024,
-        max_eval_instances=4,
-    )
+
+    def boolq_suite(output_dir):
+        return HelmSuite(
+            resolve_benchmarks(["boolq"]),
+            model_key="suite-test",
+            data_dir=data,
+            output_dir=output_dir,
+            max_sequence_length=1024,
+            max_eval_instances=4,
+        )
+
+    suite = boolq_suite(tmp_path / "warm")
     before = metrics_of(suite.evaluate(in_process, iteration=1))
     dev = data / "boolq" / "data" / "dev"
     dev.write_text("".join(dev.read_text().splitlines(keepends=True)[10:]))  # other instances get picked
     after = metrics_of(suite.evaluate(in_process, iteration=2))
-    fresh = HelmSuite(
-        resolve_benchmarks(["boolq"]),
-        model_key="suite-test",
-        data_dir=data,
-        output_dir=tmp_path / "fresh",
-        max_sequence_length=1024,
-        max_eval_instances=4,
-    )
+    fresh = boolq_suite(tmp_path / "fresh")
     assert after != before
     assert after == metrics_of(fresh.evaluate(in_process, iteration=2))
 

@@ -10,6 +10,16 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
+# HELM `Runner` options of the hook's runner (helm/warm.py) and of the reference path: nothing cached
+# or skipped (a cache would hand a new checkpoint the previous one's answers), the first error raised.
+RUNNER_OPTIONS = dict(
+    skip_instances=False,
+    cache_instances=False,
+    cache_instances_only=False,
+    skip_completed_runs=False,
+    exit_on_error=True,
+)
+
 
 def register_hf_deployment(folder: Path, *, name: str, max_sequence_length: int, device: str = "cpu") -> str:
     """Register `folder` with HELM as the local deployment `name`, offline; return the deployment's name."""
@@ -54,13 +64,4 @@ def plain_runner(helm_dir: Path, suite: str) -> object:
     from helm.common.authentication import Authentication
 
     spec = ExecutionSpec(url=None, auth=Authentication(""), local_path=str(helm_dir / "prod_env"), parallelism=1)
-    return Runner(
-        spec,
-        str(helm_dir),
-        suite,
-        skip_instances=False,
-        cache_instances=False,
-        cache_instances_only=False,
-        skip_completed_runs=False,
-        exit_on_error=True,
-    )
+    return Runner(spec, str(helm_dir), suite, **RUNNER_OPTIONS)

@@ -42,6 +42,8 @@ from helm.common.general import ensure_directory_exists, write
 from helm.common.tokenization_request import TokenizationRequest, TokenizationRequestResult, TokenizationToken
 from nltk.tokenize import word_tokenize
 
+from megatron_eval_hook.helm.reference import RUNNER_OPTIONS
+
 # A varied text whose tokens tell the run's tokenizer apart from another one.
 _TOKENIZER_PROBE = (
     "Passage: The 3 quick brown foxes jumped over 12 lazy dogs in Zürich, didn't they?\n"
@@ -165,16 +167,7 @@ class ReusingRunner(Runner):
     """
 
     def __init__(self, execution_spec, output_path: str, suite: str, *, reuse: Reuse, executor):
-        super().__init__(
-            execution_spec,
-            output_path,
-            suite,
-            skip_instances=False,
-            cache_instances=False,
-            cache_instances_only=False,
-            skip_completed_runs=False,
-            exit_on_error=True,
-        )
+        super().__init__(execution_spec, output_path, suite, **RUNNER_OPTIONS)
         self.reuse = reuse
         self.executor = executor
         self.tokenizer_service = self.metric_service = _ReusingMetricService(executor.context, reuse)
