@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_eval_hook.allocator import keep_freed_memory
+
 # finish reasons, as HELM's clients report them
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 
@@ -38,6 +40,15 @@ STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 # longer rows share more prefixes but pay more for attention between positions that cannot see
 # each other.
 ROW_TOKENS = 512
+
+# A generation group's key/value cache holds at most this many batches (batch_size x row_tokens
+# positions each). GPT-2 small in float32, batch_size 16: 32768 positions, 2.4 GB.
+CACHE_BATCHES = 4
+
+# Generation groups prompts of similar length (in bands of this many tokens after their common trunk).
+LENGTH_BAND = 64
+
+LOGSUMEXP_ROWS = 64  # logits rows normalized together (64 x 50k float32 vocabulary: 12 MiB)
 
 
 class RequestTooLong(ValueError):
@@ -88,57 +99,83 @@ def fast_path_unsupported(model: torch.nn.Module) -> str | None:
 
 
 class FastAttention(torch.nn.Module):
-    """Core attention with an arbitrary mask and an optional key/value cache.
+    """Core attention for the engine's forward passes, in place of a layer's own.
 
     Takes Megatron's core-attention arguments: query [sq, b, heads, d], key and value
     [sk, b, groups, d] (positions already applied), `attention_mask` True where a query must not
-    look. With a cache open, the new keys and values are appended to it and the queries attend
-    to everything cached so far.
+    look. Two kinds of call, chosen by the engine between forward passes:
+
+    - masked (no `cache`): each query attends to the keys of its batch row that its mask allows,
+      and to every position of `trunk` when one is set. With `keep`, the call's keys and values
+      stay in `fresh` for the engine to cache.
+    - decoding (`lengths` set): batch row i is row i of `cache`, feeding one token. Its key and value are
+      written at position `lengths[i]` of the row, and it attends to the trunk and to its row up
+      to there. The engine advances `lengths` and `span` (max(lengths) + 1) between steps.
     """
 
-    def __init__(self, scale: float, cache_capacity: int = 0):
+    def __init__(self, scale: float):
         super().__init__()
         self.scale = scale
-        self.capacity = cache_capacity  # positions; 0: no cache
-        self.keys: torch.Tensor | None = None  # [b, groups, capacity, d], allocated by the first call
-        self.values: torch.Tensor | None = None
-        self.filled = 0
-
-    def repeat_rows(self, count: int) -> None:
-        """Make the cache of one batch row (a shared trunk) the cache of `count` rows."""
-        self.keys = self.keys.expand(count, -1, -1, -1).clone()
-        self.values = self.values.expand(count, -1, -1, -1).clone()
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop cached batch rows other than `rows`."""
-        if self.keys is not None:
-            self.keys = self.keys.index_select(0, rows)
-            self.values = self.values.index_select(0, rows)
+        self.trunk: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [groups, t, d]
+        self.keep = False
+        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [b, groups, sq, d]
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [rows, groups, capacity, d]
+        self.lengths: torch.Tensor | None = None  # [rows]
+        self.span = 0
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
         if attention_bias is not None:
             raise ValueError("attention bias is not supported by the evaluation engine's attention")
+        if self.lengths is not None:
+            return self._decode(query, key, value)
         sq, batch, heads, dim = query.shape
         key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, groups, sk, d]
-        if self.capacity:
-            if self.keys is None:
-                shape = (batch, key.shape[1], self.capacity, dim)
-                self.keys = key.new_empty(shape)
-                self.values = value.new_empty(shape)
-            end = self.filled + key.shape[2]
-            self.keys[:, :, self.filled : end] = key
-            self.values[:, :, self.filled : end] = value
-            self.filled = end
-            key, value = self.keys[:, :, :end], self.values[:, :, :end]
+        if self.keep:
+            self.fresh = key, value
+        allowed = ~attention_mask
+        if self.trunk is not None:  # every query sees the whole trunk
+            trunk_keys, trunk_values = self.trunk
+            key = torch.cat([trunk_keys.expand(batch, -1, -1, -1), key], dim=2)
+            value = torch.cat([trunk_values.expand(batch, -1, -1, -1), value], dim=2)
+            allowed = torch.cat([allowed.new_ones(batch, 1, sq, trunk_keys.shape[1]), allowed], dim=-1)
         out = torch.nn.functional.scaled_dot_product_attention(
             query.permute(1, 2, 0, 3),
             key,
             value,
-            attn_mask=~attention_mask,
+            attn_mask=allowed,
             scale=self.scale,
             enable_gqa=key.shape[1] != heads,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)
+
+    def _decode(self, query, key, value):
+        """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
+        a matmul of its own and the two parts share one softmax (scores in float32, as eager attention)."""
+        keys, values = self.cache
+        rows, groups, _, dim = keys.shape
+        heads = query.shape[2]
+        index = torch.arange(rows, device=keys.device)
+        keys[index, :, self.lengths] = key[0]
+        values[index, :, self.lengths] = value[0]
+        keys, values = keys[:, :, : self.span], values[:, :, : self.span]
+        query = query[0].reshape(rows, groups, heads // groups, dim)
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float()  # [rows, groups, heads/groups, span]
+        later = torch.arange(self.span, device=keys.device) > self.lengths.unsqueeze(1)
+        scores.masked_fill_(later[:, None, None, :], -math.inf)
+        shared = 0
+        if self.trunk is not None:
+            trunk_keys, trunk_values = self.trunk
+            shared = trunk_keys.shape[1]
+            by_group = query.permute(1, 0, 2, 3).reshape(groups, -1, dim)  # [groups, rows * heads/groups, d]
+            trunk_scores = torch.matmul(by_group, trunk_keys.transpose(-1, -2)).float()
+            trunk_scores = trunk_scores.view(groups, rows, -1, shared).permute(1, 0, 2, 3)
+            scores = torch.cat([trunk_scores, scores], dim=-1)
+        weights = torch.softmax(scores * self.scale, dim=-1).to(values.dtype)
+        out = torch.matmul(weights[..., shared:], values)  # [rows, groups, heads/groups, d]
+        if shared:
+            by_group = weights[..., :shared].permute(1, 0, 2, 3).reshape(groups, -1, shared)
+            out += torch.matmul(by_group, trunk_values).view(groups, rows, -1, dim).permute(1, 0, 2, 3)
+        return out.reshape(1, rows, heads * dim)
 
 
 @dataclass
@@ -165,6 +202,17 @@ class _PackedRow:
                 allowed[i] = allowed[parent]
             allowed[i, i] = True
         return allowed
+
+
+@dataclass
+class _Group:
+    """Requests decoded together, with what sizes their cache: the length of their common trunk (leaving
+    each prompt a token of its own), of the longest prompt and of the longest generation."""
+
+    members: list[int]
+    trunk: int
+    longest: int
+    new_tokens: int
 
 
 def _common_trunk(prompts: Sequence[Sequence[int]]) -> Sequence[int]:
@@ -209,6 +257,8 @@ class Engine:
         self.batch_size = batch_size
         self.end_of_text = end_of_text
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.plain_reason = fast_path_unsupported(model) if fast else "fast=False"
         self.row_tokens = row_tokens
 
@@ -229,7 +279,7 @@ class Engine:
         return self.model(tokens, positions, masked, runtime_gather_output=True, output_processor=project)
 
     @contextmanager
-    def _fast_attention(self, cache_capacity: int = 0) -> Iterator[list[FastAttention]]:
+    def _fast_attention(self) -> Iterator[list[FastAttention]]:
         """Swap every layer's core attention for a `FastAttention` for the duration of the block."""
         from megatron.core.transformer.attention import SelfAttention
 
@@ -237,7 +287,7 @@ class Engine:
         originals = [m.core_attention for m in attentions]
         config = self.model.config
         scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        swapped = [FastAttention(scale, cache_capacity) for _ in attentions]
+        swapped = [FastAttention(scale) for _ in attentions]
         for module, fast in zip(attentions, swapped):
             module.core_attention = fast
         try:
@@ -289,7 +339,8 @@ class Engine:
 
     def _finish_scores(self, sequences, picks, logits) -> list[list[float]]:
         """Gather log p(target) at the picked logits; `picks` is (sequence, token index, logits row)."""
-        lse = torch.logsumexp(logits, dim=-1)
+        # in slices of rows that stay in cache: one pass over all logits at once runs at memory speed
+        lse = torch.cat([torch.logsumexp(part, dim=-1) for part in logits.split(LOGSUMEXP_ROWS)])
         index = self._tensor([p[2] for p in picks])
         targets = self._tensor([sequences[p[0]][p[1]] for p in picks])
         values = (logits[index, targets] - lse[index]).cpu().tolist()
@@ -393,13 +444,18 @@ class Engine:
                 )
         prompts = [self._fit_prompt(r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
-        if self.plain_reason is None:  # neighbours share the longest prefixes
-            run, order = self._generate_cached, sorted(range(len(prompts)), key=lambda i: prompts[i])
+        if self.plain_reason is None:
+            # Longest first, and within a band of similar lengths neighbours share the longest prefixes:
+            # each request's cache row is as long as its group's longest prompt.
+            trunk = len(_common_trunk(prompts))
+            band = [(len(p) - trunk) // LENGTH_BAND for p in prompts]
+            order = sorted(range(len(prompts)), key=lambda i: (-band[i], prompts[i]))
+            run, groups = self._generate_cached, self._decoding_groups(order, prompts, requests)
         else:  # neighbours have similar lengths
             run, order = self._generate_plain, sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            for i, generation in zip(batch, run([prompts[i] for i in batch], [requests[i] for i in batch])):
+            groups = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        for group in groups:
+            for i, generation in zip(group, run([prompts[i] for i in group], [requests[i] for i in group])):
                 results[i] = generation
         return [r for r in results if r is not None]
 
@@ -407,6 +463,28 @@ class Engine:
         # Keep the end of a prompt that would leave too little room (HELM normally fits it first).
         room = self.max_sequence_length - max(request.max_new_tokens, 0)
         return list(request.prompt[-room:]) if len(request.prompt) > room else list(request.prompt)
+
+    def _decoding_groups(self, order: list[int], prompts: list[list[int]], requests) -> list[list[int]]:
+        """Runs of `order` decoded together: as many requests as keep the group's key/value cache within
+        `CACHE_BATCHES * batch_size * row_tokens` positions.
+
+        A group caches its common trunk once, and per request the longest prompt part after the trunk
+        plus the most new tokens. Each decoding step feeds one token per request: the more requests per
+        step, the more of the step's weight traffic each token shares."""
+        budget = CACHE_BATCHES * self.batch_size * self.row_tokens
+        groups: list[_Group] = []
+        for i in order:
+            prompt, wanted = prompts[i], requests[i].max_new_tokens
+            if groups:
+                group = groups[-1]
+                trunk = min(group.trunk, _common_prefix(prompts[group.members[0]], prompt), len(prompt) - 1)
+                longest, new_tokens = max(group.longest, len(prompt)), max(group.new_tokens, wanted)
+                if trunk + (len(group.members) + 1) * (longest - trunk + new_tokens) <= budget:
+                    group.members.append(i)
+                    group.trunk, group.longest, group.new_tokens = trunk, longest, new_tokens
+                    continue
+            groups.append(_Group([i], trunk=len(prompt) - 1, longest=len(prompt), new_tokens=wanted))
+        return [group.members for group in groups]
 
     def _generate_plain(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
         state = _Greedy(requests, self.end_of_text)
@@ -427,78 +505,99 @@ class Engine:
         return state.results()
 
     def _generate_cached(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
-        """Prompts decoded with a key/value cache. The prompts' common trunk (HELM's in-context
-        examples, the same at the start of every prompt) is computed once and its keys and values
-        copied into the cache of every row; the rest of the prompts are packed into prefix trees
-        after it, a few per row. Each request's new tokens attend to the trunk, its prompt's nodes
-        and its own earlier tokens, and each row decodes all of its requests in one step."""
+        """Prompts decoded together with a key/value cache.
+
+        The prompts' common trunk (HELM's in-context examples, the same at the start of every prompt) is
+        computed once and its keys and values kept once, seen by every request. The rest of each prompt
+        is computed packed into prefix trees (`_prefill`) and copied into the request's own cache row.
+        Then each step feeds every request's last token at once, one position each."""
         state = _Greedy(requests, self.end_of_text)
         if not state.live:
             return state.results()
         trunk = len(_common_trunk(prompts))
-        rows = self._pack([p[trunk:] for p in prompts], self.row_tokens)
-        slots = {k: (r, j) for r, row in enumerate(rows) for j, k in enumerate(row.paths)}  # request -> (row, slot)
-        per_row = max(len(row.paths) for row in rows)
-        width = max(len(row.tokens) for row in rows)
-        capacity = trunk + width + per_row * max(r.max_new_tokens for r in requests)
-        # visible[row, slot]: the cached positions the slot's next token attends to
-        visible = torch.zeros(len(rows), per_row, capacity, dtype=torch.bool)
-        visible[:, :, :trunk] = True
-        for k, (r, j) in slots.items():
-            visible[r, j, trunk + torch.tensor(rows[r].paths[k])] = True
-        with self._fast_attention(cache_capacity=capacity) as caches:
-            tokens, positions, masked = self._tree_inputs(rows)
+        own = [p[trunk:] for p in prompts]
+        with self._fast_attention() as layers:
             if trunk:
-                self._forward(  # fills each layer's cache; the logits are not used
+                for layer in layers:
+                    layer.keep = True
+                self._forward(  # the logits are not used
                     self._padded([prompts[0][:trunk]], trunk),
                     self._tensor(range(trunk)).unsqueeze(0),
                     self._causal(trunk),
-                    self._tensor([0]),
-                    self._tensor([trunk - 1]),
+                    self._tensor([], dtype=torch.long),
+                    self._tensor([], dtype=torch.long),
                 )
-                for cache in caches:
-                    cache.repeat_rows(len(rows))
-                positions = positions + trunk
-                masked = torch.cat([masked.new_zeros(len(rows), 1, width, trunk), masked], dim=-1)
+                for layer in layers:
+                    keys, values = layer.fresh
+                    layer.trunk, layer.fresh = (keys[0].contiguous(), values[0].contiguous()), None
+            capacity = max(len(p) for p in own) + max(r.max_new_tokens for r in requests)
+            logits = self._prefill(own, trunk, capacity, layers)
             live = state.live
-            logits = self._forward(
-                tokens,
-                positions,
-                masked,
-                self._tensor([slots[k][0] for k in live]),
-                self._tensor([rows[slots[k][0]].paths[k][-1] for k in live]),
-            )
-            kept = list(range(len(rows)))  # the batch rows still in the cache
+            taken = {k: t for k, t in zip(live, state.step(live, logits[self._tensor(live)])) if t is not None}
+            kept = list(range(len(prompts)))  # cache row i holds request kept[i]
             for step in range(capacity):
-                taken = dict(zip(live, state.step(live, logits)))
                 live = state.live
                 if not live:
                     break
-                busy = sorted({slots[k][0] for k in live})
-                if len(busy) <= 0.75 * len(kept):  # rows whose requests all ended leave the cache
-                    keep = [kept.index(r) for r in busy]
-                    for cache in caches:
-                        cache.keep_rows(self._tensor(keep))
-                    visible = visible[keep]
-                    kept = busy
-                cache_row = {r: i for i, r in enumerate(kept)}
-                fed = torch.zeros(len(kept), per_row, dtype=torch.long)  # ended slots feed a dummy
-                positions = torch.zeros(len(kept), per_row, dtype=torch.long)
-                for k in live:
-                    r, j = slots[k]
-                    fed[cache_row[r], j] = taken[k]
-                    positions[cache_row[r], j] = len(prompts[k]) + step
-                column = trunk + width + step * per_row  # each slot's new token takes its own column
-                visible[:, torch.arange(per_row), column + torch.arange(per_row)] = True
-                keys = column + per_row
+                if len(live) <= 0.75 * len(kept):  # rows whose requests ended leave the cache
+                    rows = self._tensor([kept.index(k) for k in live])
+                    for layer in layers:
+                        layer.cache = tuple(t.index_select(0, rows) for t in layer.cache)
+                    kept = live
+                lengths = [len(own[k]) + step for k in kept]  # where each row's new key goes
+                for layer in layers:
+                    layer.lengths, layer.span = self._tensor(lengths), max(lengths) + 1
+                row_of = {k: i for i, k in enumerate(kept)}
                 logits = self._forward(
-                    fed.to(self.device),
-                    positions.to(self.device),
-                    (~visible[:, :, :keys]).unsqueeze(1).to(self.device),
-                    self._tensor([cache_row[slots[k][0]] for k in live]),
-                    self._tensor([slots[k][1] for k in live]),
+                    self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
+                    self._tensor([len(prompts[k]) + step if k in taken else 0 for k in kept]).unsqueeze(1),
+                    None,
+                    self._tensor([row_of[k] for k in live]),
+                    self._tensor([0] * len(live)),
                 )
+                taken = {k: t for k, t in zip(live, state.step(live, logits)) if t is not None}
         return state.results()
+
+    def _prefill(self, own: list[list[int]], trunk: int, capacity: int, layers: list[FastAttention]) -> torch.Tensor:
+        """Computes each prompt's part after the trunk, packed into prefix trees `batch_size` rows at a time,
+        and leaves its keys and values at the start of the request's cache row (one row per request, of
+        `capacity` positions). Returns the logits after each prompt's last token, [requests, vocab]."""
+        rows = sorted(self._pack(own, self.row_tokens), key=lambda r: -len(r.tokens))
+        logits: list[torch.Tensor | None] = [None] * len(own)
+        for layer in layers:
+            layer.keep = True
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            members = [(r, k) for r, row in enumerate(batch) for k in row.paths]
+            tokens, positions, masked = self._tree_inputs(batch)
+            out = self._forward(
+                tokens,
+                positions + trunk,
+                masked,
+                self._tensor([r for r, _ in members]),
+                self._tensor([batch[r].paths[k][-1] for r, k in members]),
+            )
+            for (_, k), row in zip(members, out):
+                logits[k] = row
+            source_rows, source_nodes, target_rows, target_positions = [], [], [], []
+            for r, k in members:
+                path = batch[r].paths[k]
+                source_rows += [r] * len(path)
+                source_nodes += path
+                target_rows += [k] * len(path)
+                target_positions += range(len(path))
+            source_rows, source_nodes = self._tensor(source_rows), self._tensor(source_nodes)
+            target_rows, target_positions = self._tensor(target_rows), self._tensor(target_positions)
+            for layer in layers:
+                fresh, layer.fresh = layer.fresh, None
+                if layer.cache is None:
+                    batch_rows, groups, _, dim = fresh[0].shape
+                    layer.cache = tuple(t.new_zeros(len(own), groups, capacity, dim) for t in fresh)
+                for cached, computed in zip(layer.cache, fresh):
+                    cached[target_rows, :, target_positions] = computed[source_rows, :, source_nodes]
+        for layer in layers:
+            layer.keep = False
+        return torch.stack(logits)
 
 
 class _Greedy:

@@ -178,3 +178,19 @@ def test_a_scoring_request_longer_than_the_window_is_refused(gpt, char_tokenizer
     subject = Engine(gpt, vocab_size=char_tokenizer.vocab_size, max_sequence_length=8, batch_size=2)
     with pytest.raises(RequestTooLong, match="9 tokens.*8 tokens"):
         subject.score([list(range(9))])
+
+
+def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(model, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    # one row per prompt (row_tokens=4) and a cache budget of 4 x 2 x 4 = 32 positions: each group holds
+    # several requests, so its prompts take more rows than one forward pass (batch_size=2) computes
+    requests = [GenerationRequest([(3 * i) % 50 + 1, (5 * i) % 50 + 1, i % 7 + 1], 1 + i % 3) for i in range(14)]
+    subject = engine(model, vocab, batch_size=2, row_tokens=4)
+    prompts = [r.prompt for r in requests]
+    groups = subject._decoding_groups(sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, requests)
+    assert len(groups) > 1 and max(len(g) for g in groups) > 2
+    cached = subject.generate(requests)
+    plain = engine(model, vocab, fast=False, batch_size=1).generate(requests)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for c, p in zip(cached, plain):
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
