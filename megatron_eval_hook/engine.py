@@ -39,11 +39,11 @@ STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 # generation the parts of its prompts after their common trunk. Attention over a row is dense:
 # longer rows share more prefixes but pay more for attention between positions that cannot see
 # each other.
-ROW_TOKENS = 512
+ROW_TOKENS = 256
 
 # A generation group's key/value cache holds at most this many batches (batch_size x row_tokens
 # positions each). GPT-2 small in float32, batch_size 16: 32768 positions, 2.4 GB.
-CACHE_BATCHES = 4
+CACHE_BATCHES = 8
 
 # Generation groups prompts of similar length (in bands of this many tokens after their common trunk).
 LENGTH_BAND = 64
