@@ -28,6 +28,8 @@ tokenizer is GPT-2's BPE from the same folder, else the demo's.
 
 What is measured and how:
 
+* The engine's CPU allocator setting (``megatron_eval_hook/allocator.py``: freed memory kept for reuse) is
+  process-wide and made when ours is built, before the others: all three engines run with it.
 * Only request execution is timed (each engine warmed up first on a few requests). All engines run their
   timed work in the same worker thread: the CPU shims' CUDA-to-CPU torch-function mode is active in the main
   thread only and would otherwise slow every torch operation of whichever engine runs there.

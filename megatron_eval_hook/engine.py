@@ -14,7 +14,9 @@ the model's core attention for the duration of a call (`FastAttention`):
 
 - scoring packs the requests of a batch into a prefix tree: a multiple-choice question shared by
   its four answers is computed once, each token attending only to its own ancestors;
-- generation keeps a key/value cache, so each new token costs one position, not the whole prefix.
+- generation keeps a key/value cache, so each new token costs one position, not the whole prefix;
+  the prompts' common trunk (the in-context examples) is computed and stored once, and each step
+  feeds one token for every request of a group sized by the cache's memory, not by batch_size.
 
 Models with other position encodings (rotary) take the plain path: every request recomputed in
 full, with Megatron's own attention. Both paths give the same numbers up to float rounding.
@@ -407,12 +409,26 @@ class Engine:
         masked = torch.from_numpy(~allowed).unsqueeze(1).to(self.device)
         return self._padded([row.tokens for row in rows], width), positions.to(self.device), masked
 
+    def _batches(self, rows: list[_PackedRow]) -> Iterator[list[_PackedRow]]:
+        """Rows (longest first) in forward passes of at most `batch_size` rows and `batch_size * row_tokens`
+        positions: rows longer than `row_tokens` (one long request) make smaller batches."""
+        batch: list[_PackedRow] = []
+        for row in rows:
+            if batch and (len(batch) + 1) * len(batch[0].tokens) > self.batch_size * self.row_tokens:
+                yield batch
+                batch = []
+            batch.append(row)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
     def _score_packed(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
         rows = sorted(self._pack(sequences, self.row_tokens), key=lambda r: -len(r.tokens))
         with self._fast_attention():
-            for start in range(0, len(rows), self.batch_size):
-                batch = rows[start : start + self.batch_size]
+            for batch in self._batches(rows):
                 members, picks, pick_rows, pick_columns = [], [], [], []
                 picked: dict[tuple[int, int], int] = {}  # (row, node) -> logits row
                 for r, row in enumerate(batch):
@@ -530,12 +546,12 @@ class Engine:
                 for layer in layers:
                     keys, values = layer.fresh
                     layer.trunk, layer.fresh = (keys[0].contiguous(), values[0].contiguous()), None
-            capacity = max(len(p) for p in own) + max(r.max_new_tokens for r in requests)
-            logits = self._prefill(own, trunk, capacity, layers)
+            steps = max(r.max_new_tokens for r in requests)
+            logits = self._prefill(own, trunk, max(len(p) for p in own) + steps, layers)
             live = state.live
             taken = {k: t for k, t in zip(live, state.step(live, logits[self._tensor(live)])) if t is not None}
             kept = list(range(len(prompts)))  # cache row i holds request kept[i]
-            for step in range(capacity):
+            for step in range(steps):
                 live = state.live
                 if not live:
                     break
@@ -559,15 +575,14 @@ class Engine:
         return state.results()
 
     def _prefill(self, own: list[list[int]], trunk: int, capacity: int, layers: list[FastAttention]) -> torch.Tensor:
-        """Computes each prompt's part after the trunk, packed into prefix trees `batch_size` rows at a time,
+        """Computes each prompt's part after the trunk, packed into prefix trees (`_batches` of rows),
         and leaves its keys and values at the start of the request's cache row (one row per request, of
         `capacity` positions). Returns the logits after each prompt's last token, [requests, vocab]."""
         rows = sorted(self._pack(own, self.row_tokens), key=lambda r: -len(r.tokens))
         logits: list[torch.Tensor | None] = [None] * len(own)
         for layer in layers:
             layer.keep = True
-        for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
+        for batch in self._batches(rows):
             members = [(r, k) for r, row in enumerate(batch) for k in row.paths]
             tokens, positions, masked = self._tree_inputs(batch)
             out = self._forward(
@@ -591,8 +606,13 @@ class Engine:
             for layer in layers:
                 fresh, layer.fresh = layer.fresh, None
                 if layer.cache is None:
-                    batch_rows, groups, _, dim = fresh[0].shape
-                    layer.cache = tuple(t.new_zeros(len(own), groups, capacity, dim) for t in fresh)
+                    _, groups, _, dim = fresh[0].shape
+                    # unwritten keys are masked out; unwritten values are multiplied by a zero weight, so must be finite
+                    keys, values = fresh
+                    layer.cache = (
+                        keys.new_empty(len(own), groups, capacity, dim),
+                        values.new_zeros(len(own), groups, capacity, dim),
+                    )
                 for cached, computed in zip(layer.cache, fresh):
                     cached[target_rows, :, target_positions] = computed[source_rows, :, source_nodes]
         for layer in layers:
