@@ -194,3 +194,15 @@ def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(
     assert [g.tokens for g in cached] == [g.tokens for g in plain]
     for c, p in zip(cached, plain):
         assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
+
+
+def test_a_forward_pass_holds_at_most_batch_size_rows_of_positions(gpt, char_tokenizer):
+    subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
+    # rows longer than row_tokens (one long request each) next to ordinary ones, longest first
+    rows = subject._pack([[i] * n for i, n in enumerate([30, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)], width=8)
+    rows.sort(key=lambda r: -len(r.tokens))
+    batches = list(subject._batches(rows))
+    assert sum(len(b) for b in batches) == len(rows)
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * len(batch[0].tokens) <= 4 * 8
