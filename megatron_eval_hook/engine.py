@@ -107,12 +107,12 @@ class FastAttention(torch.nn.Module):
     [sk, b, groups, d] (positions already applied), `attention_mask` True where a query must not
     look. Two kinds of call, chosen by the engine between forward passes:
 
-    - masked (no `cache`): each query attends to the keys of its batch row that its mask allows,
+    - masked (`lengths` unset): each query attends to the keys of its batch row its mask allows,
       and to every position of `trunk` when one is set. With `keep`, the call's keys and values
       stay in `fresh` for the engine to cache.
-    - decoding (`lengths` set): batch row i is row i of `cache`, feeding one token. Its key and value are
-      written at position `lengths[i]` of the row, and it attends to the trunk and to its row up
-      to there. The engine advances `lengths` and `span` (max(lengths) + 1) between steps.
+    - decoding (`lengths` set): batch row i is row i of `cache`, feeding one token. Its key and
+      value are written at position `lengths[i]` of the row, and it attends to the trunk and to
+      its row up to there. The engine advances `lengths` and `span` (max(lengths) + 1) between steps.
     """
 
     def __init__(self, scale: float):
