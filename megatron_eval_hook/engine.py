@@ -547,9 +547,7 @@ class Engine:
                     keys, values = layer.fresh
                     layer.trunk, layer.fresh = (keys[0].contiguous(), values[0].contiguous()), None
             steps = max(r.max_new_tokens for r in requests)
-            logits = self._prefill(own, trunk, max(len(p) for p in own) + steps, layers)
-            live = state.live
-            taken = {k: t for k, t in zip(live, state.step(live, logits[self._tensor(live)])) if t is not None}
+            taken = self._prefill(own, trunk, max(len(p) for p in own) + steps, layers, state)
             kept = list(range(len(prompts)))  # cache row i holds request kept[i]
             for step in range(steps):
                 live = state.live
@@ -574,12 +572,13 @@ class Engine:
                 taken = {k: t for k, t in zip(live, state.step(live, logits)) if t is not None}
         return state.results()
 
-    def _prefill(self, own: list[list[int]], trunk: int, capacity: int, layers: list[FastAttention]) -> torch.Tensor:
+    def _prefill(self, own, trunk: int, capacity: int, layers: list[FastAttention], state: _Greedy) -> dict[int, int]:
         """Computes each prompt's part after the trunk, packed into prefix trees (`_batches` of rows),
         and leaves its keys and values at the start of the request's cache row (one row per request, of
-        `capacity` positions). Returns the logits after each prompt's last token, [requests, vocab]."""
+        `capacity` positions). Takes each request's first token: returns request -> token, for the
+        requests that go on."""
         rows = sorted(self._pack(own, self.row_tokens), key=lambda r: -len(r.tokens))
-        logits: list[torch.Tensor | None] = [None] * len(own)
+        taken: dict[int, int] = {}
         for layer in layers:
             layer.keep = True
         for batch in self._batches(rows):
@@ -592,8 +591,9 @@ class Engine:
                 self._tensor([r for r, _ in members]),
                 self._tensor([batch[r].paths[k][-1] for r, k in members]),
             )
-            for (_, k), row in zip(members, out):
-                logits[k] = row
+            live = [i for i, (_, k) in enumerate(members) if state.reasons[k] is None]
+            chosen = state.step([members[i][1] for i in live], out[self._tensor(live)])
+            taken.update((members[i][1], t) for i, t in zip(live, chosen) if t is not None)
             source_rows, source_nodes, target_rows, target_positions = [], [], [], []
             for r, k in members:
                 path = batch[r].paths[k]
@@ -617,7 +617,7 @@ class Engine:
                     cached[target_rows, :, target_positions] = computed[source_rows, :, source_nodes]
         for layer in layers:
             layer.keep = False
-        return torch.stack(logits)
+        return taken
 
 
 class _Greedy:
