@@ -30,14 +30,16 @@ class CountingEngine(Engine):
         return super()._forward(*args)
 
 
-def suite_for(tmp_path, demo_data, benchmarks, key="suite-test", **kwargs):
+def suite_for(
+    tmp_path, demo_data, benchmarks, key="suite-test", *, data_dir=None, max_sequence_length=1024, max_eval_instances=4
+):
     return HelmSuite(
         resolve_benchmarks(benchmarks),
         model_key=key,
-        data_dir=demo_data.helm_dir,
+        data_dir=data_dir or demo_data.helm_dir,
         output_dir=tmp_path,
-        max_sequence_length=kwargs.pop("max_sequence_length", 1024),
-        max_eval_instances=kwargs.pop("max_eval_instances", 4),
+        max_sequence_length=max_sequence_length,
+        max_eval_instances=max_eval_instances,
     )
 
 
@@ -253,23 +255,12 @@ def test_stats_and_files_are_those_of_helms_own_runner(tmp_path, demo_data, gpt,
 def test_changed_data_files_are_read_again(tmp_path, demo_data, in_process):
     data = tmp_path / "data"
     shutil.copytree(demo_data.helm_dir / "boolq", data / "boolq")
-
-    def boolq_suite(output_dir):
-        return HelmSuite(
-            resolve_benchmarks(["boolq"]),
-            model_key="suite-test",
-            data_dir=data,
-            output_dir=output_dir,
-            max_sequence_length=1024,
-            max_eval_instances=4,
-        )
-
-    suite = boolq_suite(tmp_path / "warm")
+    suite = suite_for(tmp_path / "warm", demo_data, ["boolq"], data_dir=data)
     before = metrics_of(suite.evaluate(in_process, iteration=1))
     dev = data / "boolq" / "data" / "dev"
     dev.write_text("".join(dev.read_text().splitlines(keepends=True)[10:]))  # other instances get picked
     after = metrics_of(suite.evaluate(in_process, iteration=2))
-    fresh = boolq_suite(tmp_path / "fresh")
+    fresh = suite_for(tmp_path / "fresh", demo_data, ["boolq"], data_dir=data)
     assert after != before
     assert after == metrics_of(fresh.evaluate(in_process, iteration=2))
 
