@@ -540,8 +540,8 @@ class Engine:
                     self._padded([prompts[0][:trunk]], trunk),
                     self._tensor(range(trunk)).unsqueeze(0),
                     self._causal(trunk),
-                    self._tensor([], dtype=torch.long),
-                    self._tensor([], dtype=torch.long),
+                    self._tensor([]),
+                    self._tensor([]),
                 )
                 for layer in layers:
                     keys, values = layer.fresh
@@ -572,7 +572,9 @@ class Engine:
                 taken = {k: t for k, t in zip(live, state.step(live, logits)) if t is not None}
         return state.results()
 
-    def _prefill(self, own, trunk: int, capacity: int, layers: list[FastAttention], state: _Greedy) -> dict[int, int]:
+    def _prefill(
+        self, own: list[list[int]], trunk: int, capacity: int, layers: list[FastAttention], state: _Greedy
+    ) -> dict[int, int]:
         """Computes each prompt's part after the trunk, packed into prefix trees (`_batches` of rows),
         and leaves its keys and values at the start of the request's cache row (one row per request, of
         `capacity` positions). Takes each request's first token: returns request -> token, for the
