@@ -110,9 +110,11 @@ class FastAttention(torch.nn.Module):
     - masked (`lengths` unset): each query attends to the keys of its batch row its mask allows,
       and to every position of `trunk` when one is set. With `keep`, the call's keys and values
       stay in `fresh` for the engine to cache.
-    - decoding (`lengths` set): batch row i is row i of `cache`, feeding one token. Its key and
-      value are written at position `lengths[i]` of the row, and it attends to the trunk and to
-      its row up to there. The engine advances `lengths` and `span` (max(lengths) + 1) between steps.
+    - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. A cache row
+      holds the request's prompt part (after the trunk), padded to a common width, then its
+      generated tokens: every row writes its new key and value at the same `column`, and attends
+      to the trunk and to its row up to there, except the padding. The engine advances `column`
+      between steps.
     """
 
     def __init__(self, scale: float):
@@ -122,13 +124,13 @@ class FastAttention(torch.nn.Module):
         self.keep = False
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [b, groups, sq, d]
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [rows, groups, capacity, d]
-        self.lengths: torch.Tensor | None = None  # [rows]
-        self.span = 0
+        self.padding: torch.Tensor | None = None  # [rows, 1, 1, capacity] True where a row has no key
+        self.column = 0
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
         if attention_bias is not None:
             raise ValueError("attention bias is not supported by the evaluation engine's attention")
-        if self.lengths is not None:
+        if self.padding is not None:
             return self._decode(query, key, value)
         sq, batch, heads, dim = query.shape
         key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, groups, sk, d]
@@ -156,14 +158,14 @@ class FastAttention(torch.nn.Module):
         keys, values = self.cache
         rows, groups, _, dim = keys.shape
         heads = query.shape[2]
-        index = torch.arange(rows, device=keys.device)
-        keys[index, :, self.lengths] = key[0]
-        values[index, :, self.lengths] = value[0]
-        keys, values = keys[:, :, : self.span], values[:, :, : self.span]
-        query = query[0].reshape(rows, groups, heads // groups, dim)
+        span = self.column + 1
+        keys[:, :, self.column] = key[0]
+        values[:, :, self.column] = value[0]
+        keys, values = keys[:, :, :span], values[:, :, :span]
+        # the scale is applied to the query: exact when it is a power of two (1/8 for 64-wide heads)
+        query = (query[0] * self.scale).reshape(rows, groups, heads // groups, dim)
         scores = torch.matmul(query, keys.transpose(-1, -2)).float()  # [rows, groups, heads/groups, span]
-        later = torch.arange(self.span, device=keys.device) > self.lengths.unsqueeze(1)
-        scores.masked_fill_(later[:, None, None, :], -math.inf)
+        scores.masked_fill_(self.padding[..., :span], -math.inf)
         shared = 0
         if self.trunk is not None:
             trunk_keys, trunk_values = self.trunk
@@ -172,7 +174,7 @@ class FastAttention(torch.nn.Module):
             trunk_scores = torch.matmul(by_group, trunk_keys.transpose(-1, -2)).float()
             trunk_scores = trunk_scores.view(groups, rows, -1, shared).permute(1, 0, 2, 3)
             scores = torch.cat([trunk_scores, scores], dim=-1)
-        weights = torch.softmax(scores * self.scale, dim=-1).to(values.dtype)
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(weights[..., shared:], values)  # [rows, groups, heads/groups, d]
         if shared:
             by_group = weights[..., :shared].permute(1, 0, 2, 3).reshape(groups, -1, shared)
@@ -547,7 +549,11 @@ class Engine:
                     keys, values = layer.fresh
                     layer.trunk, layer.fresh = (keys[0].contiguous(), values[0].contiguous()), None
             steps = max(r.max_new_tokens for r in requests)
-            taken = self._prefill(own, trunk, max(len(p) for p in own) + steps, layers, state)
+            width = max(len(p) for p in own)
+            taken = self._prefill(own, trunk, width + steps, layers, state)
+            padding = torch.arange(width + steps) < width
+            padding = padding & (torch.arange(width + steps) >= torch.tensor([len(p) for p in own]).unsqueeze(1))
+            padding = padding.view(len(own), 1, 1, width + steps).to(self.device)
             kept = list(range(len(prompts)))  # cache row i holds request kept[i]
             for step in range(steps):
                 live = state.live
@@ -557,10 +563,9 @@ class Engine:
                     rows = self._tensor([kept.index(k) for k in live])
                     for layer in layers:
                         layer.cache = tuple(t.index_select(0, rows) for t in layer.cache)
-                    kept = live
-                lengths = [len(own[k]) + step for k in kept]  # where each row's new key goes
+                    padding, kept = padding.index_select(0, rows), live
                 for layer in layers:
-                    layer.lengths, layer.span = self._tensor(lengths), max(lengths) + 1
+                    layer.padding, layer.column = padding, width + step
                 row_of = {k: i for i, k in enumerate(kept)}
                 logits = self._forward(
                     self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
@@ -577,9 +582,10 @@ class Engine:
     ) -> dict[int, int]:
         """Computes each prompt's part after the trunk, packed into prefix trees (`_batches` of rows),
         and leaves its keys and values at the start of the request's cache row (one row per request, of
-        `capacity` positions). Takes each request's first token: returns request -> token, for the
-        requests that go on."""
+        `capacity` positions: the longest prompt part, then the generated tokens). Takes each request's
+        first token: returns request -> token, for the requests that go on."""
         rows = sorted(self._pack(own, self.row_tokens), key=lambda r: -len(r.tokens))
+        width = max(len(p) for p in own)
         taken: dict[int, int] = {}
         for layer in layers:
             layer.keep = True
@@ -609,12 +615,13 @@ class Engine:
                 fresh, layer.fresh = layer.fresh, None
                 if layer.cache is None:
                     _, groups, _, dim = fresh[0].shape
-                    # unwritten keys are masked out; unwritten values are multiplied by a zero weight, so must be finite
                     keys, values = fresh
                     layer.cache = (
                         keys.new_empty(len(own), groups, capacity, dim),
-                        values.new_zeros(len(own), groups, capacity, dim),
+                        values.new_empty(len(own), groups, capacity, dim),
                     )
+                    # the padding's keys are masked out; its values get a zero weight, so must be finite
+                    layer.cache[1][:, :, :width].zero_()
                 for cached, computed in zip(layer.cache, fresh):
                     cached[target_rows, :, target_positions] = computed[source_rows, :, source_nodes]
         for layer in layers:
