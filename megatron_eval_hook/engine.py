@@ -24,6 +24,7 @@ full, with Megatron's own attention. Both paths give the same numbers up to floa
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,10 +38,10 @@ from megatron_eval_hook.allocator import keep_freed_memory
 # finish reasons, as HELM's clients report them
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 
-# Scoring packs requests into rows of at least this many tokens (more when one request is longer),
-# generation the parts of its prompts after their common trunk. Attention over a row is dense:
-# longer rows share more prefixes but pay more for attention between positions that cannot see
-# each other.
+# Scoring packs requests into prefix-tree rows of 1 to 4 times this many tokens (more when one request
+# is longer), generation the parts of its prompts after their common trunk. Attention over a row is
+# dense: longer rows share more prefixes but pay more for attention between positions that cannot see
+# each other. A forward pass holds at most batch_size x ROW_TOKENS positions.
 ROW_TOKENS = 256
 
 # A generation group's key/value cache holds at most this many batches (batch_size x row_tokens
@@ -235,6 +236,46 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _trees(lengths: Sequence[int], shared: Sequence[int], limit: int) -> list[tuple[int, int, int]]:
+    """Sequences in lexicographic order (`lengths`, `shared[i]`: prefix shared with sequence i-1) cut into
+    runs whose prefix tree has at most `limit` nodes: (start, end, nodes). A run over the limit is split
+    where its sequences part (the children of the deepest node they all share), each child recursively."""
+    after = [0]  # after[i]: nodes of sequences 0..i-1 beyond what each shares with the one before
+    for length, common in zip(lengths, shared):
+        after.append(after[-1] + length - common)
+    runs, pending = [], [(0, len(lengths))]
+    while pending:
+        start, end = pending.pop()
+        nodes = lengths[start] + after[end] - after[start + 1]
+        if nodes <= limit or end - start == 1:
+            runs.append((start, end, nodes))
+            continue
+        split = min(shared[start + 1 : end])
+        cuts = [start] + [i for i in range(start + 1, end) if shared[i] == split] + [end]
+        pending.extend(reversed(list(zip(cuts, cuts[1:]))))
+    return runs
+
+
+def _fill_rows(trees: list[tuple[int, int, int]], width: int) -> list[tuple[int, list[int]]]:
+    """Best-fit decreasing: each tree, largest first, into the fullest row it fits in (`width` nodes; a
+    larger tree gets a row of its own). Returns (nodes, members) per row; members index the sequences."""
+    rows: list[tuple[int, list[int]]] = []
+    open_rows: list[tuple[int, int]] = []  # (nodes, row) of the rows with room, by nodes
+    for start, end, nodes in sorted(trees, key=lambda t: -t[2]):
+        members = list(range(start, end))
+        fits = bisect.bisect_right(open_rows, (width - nodes, len(rows))) - 1
+        if nodes >= width or fits < 0:
+            rows.append((nodes, members))
+            if nodes < width:
+                bisect.insort(open_rows, (nodes, len(rows) - 1))
+            continue
+        filled, row = open_rows.pop(fits)
+        rows[row] = (filled + nodes, rows[row][1] + members)
+        if filled + nodes < width:
+            bisect.insort(open_rows, (filled + nodes, row))
+    return rows
+
+
 class Engine:
     """Evaluation forward passes on a (single-rank, TP=PP=1) Megatron `GPTModel`.
 
@@ -377,26 +418,35 @@ class Engine:
                 results[k] = scores[row]
         return results
 
-    def _pack(self, sequences: Sequence[Sequence[int]], width: int) -> list[_PackedRow]:
-        """Rows of at most max(width, longest) positions; requests sharing a prefix share its positions.
+    def _pack(self, sequences: Sequence[Sequence[int]], trunk: int = 0) -> list[_PackedRow]:
+        """Prefix-tree rows holding every sequence once, longest first, for the least estimated work.
 
-        In lexicographic order, a request shares the most positions with the one just before it.
-        """
-        width = max(width, max(len(s) for s in sequences))
-        rows: list[_PackedRow] = []
-        row, previous, previous_path = None, (), []
-        for k in sorted(range(len(sequences)), key=lambda k: tuple(sequences[k])):
-            sequence = sequences[k]
-            shared = _common_prefix(previous, sequence) if row is not None else 0
-            if row is None or len(row.tokens) + len(sequence) - shared > width:
-                row, shared = _PackedRow(), 0
-                rows.append(row)
-            path = previous_path[:shared]
-            for token in sequence[shared:]:
-                path.append(row.add(token, path[-1] if path else -1))
-            row.paths[k] = path
-            previous, previous_path = sequence, path
-        return rows
+        Sequences sharing a prefix (a question's answer choices, several questions on one passage) are
+        kept in one row as long as their tree fits, and the trees are packed into rows best-fit, so rows
+        are nearly full. Which row width is best depends on the trees' sizes: wide rows keep large trees
+        whole, narrow ones waste less attention and padding. The widths tried are 1 to 4 x row_tokens,
+        priced by `_work` (`trunk`: keys every position also attends to)."""
+        order = sorted(range(len(sequences)), key=lambda k: tuple(sequences[k]))
+        lengths = [len(sequences[k]) for k in order]
+        shared = [0] + [_common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])]
+        best: tuple[float, list[list[int]]] | None = None
+        for width in (self.row_tokens * m for m in (1, 2, 3, 4)):
+            filled = _fill_rows(_trees(lengths, shared, width), width)
+            work = self._work([size for size, _ in filled], trunk)
+            if best is None or work < best[0]:
+                best = work, [members for _, members in filled]
+        rows = []
+        for members in best[1]:
+            row, previous, previous_path = _PackedRow(), (), []
+            for k in (order[i] for i in sorted(members)):  # lexicographic: each shares most with the one before
+                sequence = sequences[k]
+                path = previous_path[: _common_prefix(previous, sequence)]
+                for token in sequence[len(path) :]:
+                    path.append(row.add(token, path[-1] if path else -1))
+                row.paths[k] = path
+                previous, previous_path = sequence, path
+            rows.append(row)
+        return sorted(rows, key=lambda r: -len(r.tokens))
 
     def _tree_inputs(self, rows: Sequence[_PackedRow]):
         """Token ids, position ids and attention mask (True: masked) of a batch of packed rows."""
@@ -411,24 +461,33 @@ class Engine:
         masked = torch.from_numpy(~allowed).unsqueeze(1).to(self.device)
         return self._padded([row.tokens for row in rows], width), positions.to(self.device), masked
 
+    def _work(self, sizes: list[int], trunk: int) -> float:
+        """Estimated cost of forward passes over rows of these sizes (padded to each batch's longest), in
+        units of one attention key: per position, a layer's matmuls cost 24 x hidden^2 FLOPs and each key
+        it attends to 4 x hidden, so a position costs 6 x hidden + its keys (the trunk and its row)."""
+        sizes = sorted(sizes, reverse=True)
+        per_position = 6 * self.model.config.hidden_size + trunk
+        return sum((end - start) * sizes[start] * (per_position + sizes[start]) for start, end in self._spans(sizes))
+
+    def _spans(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
+        """Rows (sizes longest first) in forward passes of at most `batch_size` rows and `batch_size *
+        row_tokens` positions (padded): rows longer than `row_tokens` make smaller batches."""
+        spans, start = [], 0
+        for i in range(1, len(sizes)):
+            count = i - start
+            if count == self.batch_size or (count + 1) * sizes[start] > self.batch_size * self.row_tokens:
+                spans.append((start, i))
+                start = i
+        return spans + [(start, len(sizes))] if sizes else spans
+
     def _batches(self, rows: list[_PackedRow]) -> Iterator[list[_PackedRow]]:
-        """Rows (longest first) in forward passes of at most `batch_size` rows and `batch_size * row_tokens`
-        positions: rows longer than `row_tokens` (one long request) make smaller batches."""
-        batch: list[_PackedRow] = []
-        for row in rows:
-            if batch and (len(batch) + 1) * len(batch[0].tokens) > self.batch_size * self.row_tokens:
-                yield batch
-                batch = []
-            batch.append(row)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        """`_spans` of rows sorted longest first."""
+        for start, end in self._spans([len(r.tokens) for r in rows]):
+            yield rows[start:end]
 
     def _score_packed(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
-        rows = sorted(self._pack(sequences, self.row_tokens), key=lambda r: -len(r.tokens))
+        rows = self._pack(sequences)
         with self._fast_attention():
             for batch in self._batches(rows):
                 members, picks, pick_rows, pick_columns = [], [], [], []
@@ -584,7 +643,7 @@ class Engine:
         and leaves its keys and values at the start of the request's cache row (one row per request, of
         `capacity` positions: the longest prompt part, then the generated tokens). Takes each request's
         first token: returns request -> token, for the requests that go on."""
-        rows = sorted(self._pack(own, self.row_tokens), key=lambda r: -len(r.tokens))
+        rows = self._pack(own, trunk)
         width = max(len(p) for p in own)
         taken: dict[int, int] = {}
         for layer in layers:

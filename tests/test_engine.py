@@ -56,7 +56,7 @@ def test_score_matches_an_unbatched_forward_pass(model, char_tokenizer, fast):
 
 def test_shared_prefixes_take_one_position_each(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size)
-    rows = subject._pack(SEQUENCES, width=64)
+    rows = subject._pack(SEQUENCES)
     distinct_prefixes = {tuple(s[: i + 1]) for s in SEQUENCES for i in range(len(s))}
     assert sum(len(r.tokens) for r in rows) == len(distinct_prefixes) == 24
 
@@ -199,10 +199,28 @@ def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(
 def test_a_forward_pass_holds_at_most_batch_size_rows_of_positions(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
     # rows longer than row_tokens (one long request each) next to ordinary ones, longest first
-    rows = subject._pack([[i] * n for i, n in enumerate([30, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)], width=8)
-    rows.sort(key=lambda r: -len(r.tokens))
+    rows = subject._pack([[i] * n for i, n in enumerate([30, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)])
     batches = list(subject._batches(rows))
     assert sum(len(b) for b in batches) == len(rows)
     for batch in batches:
         assert len(batch) <= 4
         assert len(batch) == 1 or len(batch) * len(batch[0].tokens) <= 4 * 8
+
+
+def test_rows_are_filled_best_fit(gpt, char_tokenizer):
+    subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
+    # in lexicographic order 5, 5, 3, 3 tokens: filled one after the other they take three rows of 8
+    sequences = [[1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [3, 4, 5], [4, 5, 6]]
+    rows = subject._pack(sequences)
+    assert [len(r.tokens) for r in rows] == [8, 8]
+    for row in rows:
+        for k, path in row.paths.items():
+            assert [row.tokens[node] for node in path] == sequences[k]
+
+
+def test_a_prefix_tree_wider_than_a_row_stays_whole_when_that_costs_less(gpt, char_tokenizer):
+    subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
+    context = list(range(1, 11))  # four answers to one 10-token question: 14 positions, not 4 x 11
+    rows = subject._pack([context + [20 + i] for i in range(4)])
+    assert [len(r.tokens) for r in rows] == [14]
+
