@@ -729,11 +729,13 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
             timings[engine.name][run.benchmark].add(timing)
             print(f"  {engine.name:8s} {run.label}: {len(run.states)} requests in {seconds:.2f} s", flush=True)
 
-    useful = UsefulWork(shape)
+    useful = UsefulWork(shape)  # one trie for all runs: the RESULT line's figure
+    by_benchmark = {b: UsefulWork(shape) for b in args.benchmarks}  # for the per-benchmark breakdown
     for run in runs:
-        count_useful_work(useful, run, answers["ours"][run.spec.name], encode)
+        for work in (useful, by_benchmark[run.benchmark]):
+            count_useful_work(work, run, answers["ours"][run.spec.name], encode)
 
-    report(args, data, runs, timings, useful, peak, compare(runs, answers))
+    report(args, data, runs, timings, useful, by_benchmark, peak, compare(runs, answers))
 
 
 def warm_up(clock: Clock, engines: list, runs: list[Run]) -> None:
@@ -749,7 +751,16 @@ def warm_up(clock: Clock, engines: list, runs: list[Run]) -> None:
             clock.time(lambda engine=engine, prepared=prepared: engine.execute(prepared))
 
 
-def report(args, data: Data, runs: list[Run], timings, useful: UsefulWork, peak: float, checks: list[str]) -> None:
+def report(
+    args,
+    data: Data,
+    runs: list[Run],
+    timings,
+    useful: UsefulWork,
+    by_benchmark: dict[str, UsefulWork],
+    peak: float,
+    checks: list[str],
+) -> None:
     def per_kind(engine: str, kind: str) -> Timing:
         total = Timing()
         for benchmark in args.benchmarks:
@@ -798,6 +809,17 @@ def report(args, data: Data, runs: list[Run], timings, useful: UsefulWork, peak:
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; useful work {useful.flops / 1e12:.3f} TFLOP "
           f"({useful.positions} distinct positions, output layer at {useful.outputs}) in {ours_seconds:.2f} s: "
           f"{useful.flops / ours_seconds / 1e9:.1f} GFLOP/s")  # fmt: skip
+    print("useful work per benchmark, and the least time it needs at the matmul peak:")
+    for benchmark, work in by_benchmark.items():
+        ours = timings["ours"][benchmark].seconds
+        print(f"  {benchmark:13s} {work.flops / 1e12:6.3f} TFLOP  at peak {work.flops / peak:6.2f} s  "
+              f"ours {ours:6.2f} s  util {work.flops / peak / ours if ours else float('nan'):.3f}")  # fmt: skip
+    for kind in (SCORING, GENERATION):
+        least = sum(w.flops for b, w in by_benchmark.items() if RUN_ENTRIES[b][0] == kind) / peak
+        for engine in ("helm_hf", "lm_eval"):
+            if engine in timings and least:
+                print(f"{kind}: even at the matmul peak, ours could be at most "
+                      f"{per_kind(engine, kind).seconds / least:.2f}x {engine}")  # fmt: skip
     for line in checks:
         print(line)
     print(
