@@ -48,8 +48,9 @@ ROW_TOKENS = 256
 # positions each). GPT-2 small in float32, batch_size 16: 32768 positions, 2.4 GB.
 CACHE_BATCHES = 8
 
-# Generation groups prompts of similar length (in bands of this many tokens after their common trunk).
-LENGTH_BAND = 64
+# A decoding step costs about as much as computing this many prompt positions, however few requests it
+# feeds (on CPU, mostly one read of the weights): what a request decoded apart from a group costs it.
+STEP_POSITIONS = 32
 
 LOGSUMEXP_ROWS = 64  # logits rows normalized together (64 x 50k float32 vocabulary: 12 MiB)
 
@@ -274,6 +275,37 @@ def _fill_rows(trees: list[tuple[int, int, int]], width: int) -> list[tuple[int,
         if filled + nodes < width:
             bisect.insort(open_rows, (filled + nodes, row))
     return rows
+
+
+def _trunk_classes(order: list[int], prompts: list[list[int]], wanted: list[int]) -> list[list[int]]:
+    """`order` (lexicographic) cut into runs decoded apart, each sharing a longer trunk.
+
+    A run of n prompts whose common trunk is m tokens long computes about sum(lengths) - (n - 1) x m
+    positions. Cut where its prompts part (its children: the runs that share more than m), it computes
+    sum over children of (n_j - 1) x (t_j - m) fewer, but each child after the first pays the m tokens
+    and its decoding steps again (`STEP_POSITIONS` each). HELM fitting a long passage by dropping an
+    in-context example makes such a child: one prompt that shares only part of everyone's examples."""
+    shared = [0] + [_common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+
+    def trunk(start: int, end: int) -> int:
+        shortest = min(len(prompts[order[i]]) for i in range(start, end))
+        return min([shortest - 1, *shared[start + 1 : end]])
+
+    classes, pending = [], [(0, len(order))]
+    while pending:
+        start, end = pending.pop()
+        if end - start > 1:
+            common = trunk(start, end)
+            cuts = [start] + [i for i in range(start + 1, end) if shared[i] == common] + [end]
+            children = list(zip(cuts, cuts[1:]))
+            if len(children) > 1:
+                gained = sum((b - a - 1) * (trunk(a, b) - common) for a, b in children)
+                steps = max(wanted[order[i]] for i in range(start, end))
+                if gained > (len(children) - 1) * (common + STEP_POSITIONS * steps):
+                    pending.extend(reversed(children))
+                    continue
+        classes.append([order[i] for i in range(start, end)])
+    return classes
 
 
 class Engine:
@@ -522,11 +554,8 @@ class Engine:
         prompts = [self._fit_prompt(r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
         if self.plain_reason is None:
-            # Longest first, and within a band of similar lengths neighbours share the longest prefixes:
-            # each request's cache row is as long as its group's longest prompt.
-            trunk = len(_common_trunk(prompts))
-            band = [(len(p) - trunk) // LENGTH_BAND for p in prompts]
-            order = sorted(range(len(prompts)), key=lambda i: (-band[i], prompts[i]))
+            # in lexicographic order, prompts sharing a prefix (the same in-context examples) are neighbours
+            order = sorted(range(len(prompts)), key=lambda i: prompts[i])
             run, groups = self._generate_cached, self._decoding_groups(order, prompts, requests)
         else:  # neighbours have similar lengths
             run, order = self._generate_plain, sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -542,25 +571,28 @@ class Engine:
         return list(request.prompt[-room:]) if len(request.prompt) > room else list(request.prompt)
 
     def _decoding_groups(self, order: list[int], prompts: list[list[int]], requests) -> list[list[int]]:
-        """Runs of `order` decoded together: as many requests as keep the group's key/value cache within
-        `CACHE_BATCHES * batch_size * row_tokens` positions.
+        """Runs of `order` decoded together: prompts that share a trunk (`_trunk_classes`), as many at a
+        time as keep the group's key/value cache within `CACHE_BATCHES * batch_size * row_tokens`
+        positions.
 
         A group caches its common trunk once, and per request the longest prompt part after the trunk
         plus the most new tokens. Each decoding step feeds one token per request: the more requests per
         step, the more of the step's weight traffic each token shares."""
         budget = CACHE_BATCHES * self.batch_size * self.row_tokens
         groups: list[_Group] = []
-        for i in order:
-            prompt, wanted = prompts[i], requests[i].max_new_tokens
-            if groups:
-                group = groups[-1]
-                trunk = min(group.trunk, _common_prefix(prompts[group.members[0]], prompt), len(prompt) - 1)
-                longest, new_tokens = max(group.longest, len(prompt)), max(group.new_tokens, wanted)
-                if trunk + (len(group.members) + 1) * (longest - trunk + new_tokens) <= budget:
-                    group.members.append(i)
-                    group.trunk, group.longest, group.new_tokens = trunk, longest, new_tokens
-                    continue
-            groups.append(_Group([i], trunk=len(prompt) - 1, longest=len(prompt), new_tokens=wanted))
+        for members in _trunk_classes(order, prompts, [r.max_new_tokens for r in requests]):
+            group = None
+            for i in members:
+                prompt, wanted = prompts[i], requests[i].max_new_tokens
+                if group is not None:
+                    trunk = min(group.trunk, _common_prefix(prompts[group.members[0]], prompt), len(prompt) - 1)
+                    longest, new_tokens = max(group.longest, len(prompt)), max(group.new_tokens, wanted)
+                    if trunk + (len(group.members) + 1) * (longest - trunk + new_tokens) <= budget:
+                        group.members.append(i)
+                        group.trunk, group.longest, group.new_tokens = trunk, longest, new_tokens
+                        continue
+                group = _Group([i], trunk=len(prompt) - 1, longest=len(prompt), new_tokens=wanted)
+                groups.append(group)
         return [group.members for group in groups]
 
     def _generate_plain(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:

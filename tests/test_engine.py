@@ -224,3 +224,20 @@ def test_a_prefix_tree_wider_than_a_row_stays_whole_when_that_costs_less(gpt, ch
     rows = subject._pack([context + [20 + i] for i in range(4)])
     assert [len(r.tokens) for r in rows] == [14]
 
+
+def test_a_prompt_sharing_part_of_the_trunk_is_decoded_apart(model, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    trunk = [(5 * i) % 50 + 10 for i in range(48)]  # the in-context examples
+    requests = [GenerationRequest(trunk + [i + 1, (3 * i) % 50 + 1], 3) for i in range(11)]
+    # two prompts that kept only the first 8 tokens (HELM dropped examples to fit them), sorting before
+    # and after the others: in one group they would cut everyone's trunk to 8 tokens
+    requests += [GenerationRequest(trunk[:8] + [1, 2, 3], 3), GenerationRequest(trunk[:8] + [70, 2], 3)]
+    subject = engine(model, vocab, batch_size=16, row_tokens=8)
+    prompts = [r.prompt for r in requests]
+    groups = subject._decoding_groups(sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, requests)
+    assert sorted(sorted(g) for g in groups) == [list(range(11)), [11], [12]]
+    cached = subject.generate(requests)
+    plain = engine(model, vocab, fast=False, batch_size=1).generate(requests)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for c, p in zip(cached, plain):
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
