@@ -237,6 +237,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _parts(shared: Sequence[int], start: int, end: int, depth: int) -> list[tuple[int, int]]:
+    """The runs of sequences start..end-1 (lexicographic order, `shared[i]`: prefix shared with sequence
+    i-1) that share more than `depth` tokens: the children of their common node at that depth."""
+    cuts = [start] + [i for i in range(start + 1, end) if shared[i] == depth] + [end]
+    return list(zip(cuts, cuts[1:]))
+
+
 def _trees(lengths: Sequence[int], shared: Sequence[int], limit: int) -> list[tuple[int, int, int]]:
     """Sequences in lexicographic order (`lengths`, `shared[i]`: prefix shared with sequence i-1) cut into
     runs whose prefix tree has at most `limit` nodes: (start, end, nodes). A run over the limit is split
@@ -251,9 +258,7 @@ def _trees(lengths: Sequence[int], shared: Sequence[int], limit: int) -> list[tu
         if nodes <= limit or end - start == 1:
             runs.append((start, end, nodes))
             continue
-        split = min(shared[start + 1 : end])
-        cuts = [start] + [i for i in range(start + 1, end) if shared[i] == split] + [end]
-        pending.extend(reversed(list(zip(cuts, cuts[1:]))))
+        pending.extend(reversed(_parts(shared, start, end, min(shared[start + 1 : end]))))
     return runs
 
 
@@ -296,8 +301,7 @@ def _trunk_classes(order: list[int], prompts: list[list[int]], wanted: list[int]
         start, end = pending.pop()
         if end - start > 1:
             common = trunk(start, end)
-            cuts = [start] + [i for i in range(start + 1, end) if shared[i] == common] + [end]
-            children = list(zip(cuts, cuts[1:]))
+            children = _parts(shared, start, end, common)
             if len(children) > 1:
                 gained = sum((b - a - 1) * (trunk(a, b) - common) for a, b in children)
                 steps = max(wanted[order[i]] for i in range(start, end))
