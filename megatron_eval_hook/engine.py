@@ -109,7 +109,7 @@ class FastAttention(torch.nn.Module):
     [sk, b, groups, d] (positions already applied), `attention_mask` True where a query must not
     look. Two kinds of call, chosen by the engine between forward passes:
 
-    - masked (`lengths` unset): each query attends to the keys of its batch row its mask allows,
+    - masked (`padding` unset): each query attends to the keys of its batch row its mask allows,
       and to every position of `trunk` when one is set. With `keep`, the call's keys and values
       stay in `fresh` for the engine to cache.
     - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. A cache row
@@ -646,9 +646,8 @@ class Engine:
             steps = max(r.max_new_tokens for r in requests)
             width = max(len(p) for p in own)
             taken = self._prefill(own, trunk, width + steps, layers, state)
-            padding = torch.arange(width + steps) < width
-            padding = padding & (torch.arange(width + steps) >= torch.tensor([len(p) for p in own]).unsqueeze(1))
-            padding = padding.view(len(own), 1, 1, width + steps).to(self.device)
+            columns, lengths = torch.arange(width + steps), torch.tensor([len(p) for p in own]).unsqueeze(1)
+            padding = ((columns < width) & (columns >= lengths)).view(len(own), 1, 1, -1).to(self.device)
             kept = list(range(len(prompts)))  # cache row i holds request kept[i]
             for step in range(steps):
                 live = state.live
