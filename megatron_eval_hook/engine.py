@@ -523,7 +523,7 @@ class Engine:
 
     def _score_packed(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
-        rows = self._pack(sequences)
+        rows = self._pack([s[:-1] for s in sequences])  # a sequence's last token predicts nothing that is read
         with self._fast_attention():
             for batch in self._batches(rows):
                 members, picks, pick_rows, pick_columns = [], [], [], []
