@@ -12,8 +12,9 @@ Two more need the positions to be learned absolute embeddings (GPT-2 style: a to
 is an input, not its index in the batch) and use the engine's own attention kernel in place of
 the model's core attention for the duration of a call (`FastAttention`):
 
-- scoring packs the requests of a batch into a prefix tree: a multiple-choice question shared by
-  its four answers is computed once, each token attending only to its own ancestors;
+- scoring packs requests into prefix trees: a multiple-choice question shared by its four answers
+  is computed once, each token attending only to its own ancestors; a forward pass holds trees one
+  after the other with no padding;
 - generation keeps a key/value cache, so each new token costs one position, not the whole prefix;
   the prompts' common trunk (the in-context examples) is computed and stored once, and each step
   feeds one token for every request of a group sized by the cache's memory, not by batch_size.
@@ -24,7 +25,8 @@ full, with Megatron's own attention. Both paths give the same numbers up to floa
 
 from __future__ import annotations
 
-import bisect
+import heapq
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,10 +40,10 @@ from megatron_eval_hook.allocator import keep_freed_memory
 # finish reasons, as HELM's clients report them
 STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 
-# Scoring packs requests into prefix-tree rows of 1 to 4 times this many tokens (more when one request
-# is longer), generation the parts of its prompts after their common trunk. Attention over a row is
-# dense: longer rows share more prefixes but pay more for attention between positions that cannot see
-# each other. A forward pass holds at most batch_size x ROW_TOKENS positions.
+# Scoring packs requests into prefix trees of at most 1 to 4 times this many tokens (more when one
+# request is longer), generation the parts of its prompts after their common trunk. Attention over a
+# tree is dense: larger trees share more prefixes but pay for attention between positions that cannot
+# see each other. A forward pass holds about batch_size x ROW_TOKENS positions.
 ROW_TOKENS = 256
 
 # A generation group's key/value cache holds at most this many batches (batch_size x row_tokens
@@ -106,12 +108,14 @@ class FastAttention(torch.nn.Module):
     """Core attention for the engine's forward passes, in place of a layer's own.
 
     Takes Megatron's core-attention arguments: query [sq, b, heads, d], key and value
-    [sk, b, groups, d] (positions already applied), `attention_mask` True where a query must not
-    look. Two kinds of call, chosen by the engine between forward passes:
+    [sk, b, groups, d] (positions already applied); the masks are the engine's, set between
+    forward passes with the kind of call:
 
-    - masked (`padding` unset): each query attends to the keys of its batch row its mask allows,
-      and to every position of `trunk` when one is set. With `keep`, the call's keys and values
-      stay in `fresh` for the engine to cache.
+    - trees (`rows` set): the call's positions are one sequence (b = 1) holding prefix trees one
+      after the other, with no padding for the layer's matmuls to compute. `rows` gives each tree's
+      first position and which of its nodes each node sees (itself and its ancestors); attention
+      runs tree by tree, each query also seeing every position of `trunk` when one is set. With
+      `keep`, the call's keys and values stay in `fresh` for the engine to cache.
     - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. A cache row
       holds the request's prompt part (after the trunk), padded to a common width, then its
       generated tokens: every row writes its new key and value at the same `column`, and attends
@@ -124,7 +128,8 @@ class FastAttention(torch.nn.Module):
         self.scale = scale
         self.trunk: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [groups, t, d]
         self.keep = False
-        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [b, groups, sq, d]
+        self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, n] True: sees
+        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [positions, groups, d]
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [rows, groups, capacity, d]
         self.padding: torch.Tensor | None = None  # [rows, 1, 1, capacity] True where a row has no key
         self.column = 0
@@ -134,25 +139,24 @@ class FastAttention(torch.nn.Module):
             raise ValueError("attention bias is not supported by the evaluation engine's attention")
         if self.padding is not None:
             return self._decode(query, key, value)
-        sq, batch, heads, dim = query.shape
-        key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, groups, sk, d]
+        positions, _, heads, dim = query.shape
+        query, key, value = query[:, 0], key[:, 0], value[:, 0]  # [positions, heads or groups, d]
         if self.keep:
             self.fresh = key, value
-        allowed = ~attention_mask
-        if self.trunk is not None:  # every query sees the whole trunk
-            trunk_keys, trunk_values = self.trunk
-            key = torch.cat([trunk_keys.expand(batch, -1, -1, -1), key], dim=2)
-            value = torch.cat([trunk_values.expand(batch, -1, -1, -1), value], dim=2)
-            allowed = torch.cat([allowed.new_ones(batch, 1, sq, trunk_keys.shape[1]), allowed], dim=-1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3),
-            key,
-            value,
-            attn_mask=allowed,
-            scale=self.scale,
-            enable_gqa=key.shape[1] != heads,
-        )
-        return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)
+        outs = []
+        for first, allowed in self.rows:
+            length = allowed.shape[-1]
+            q, k, v = (t[first : first + length].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+            if self.trunk is not None:  # every query sees the whole trunk
+                trunk_keys, trunk_values = self.trunk
+                k = torch.cat([trunk_keys.unsqueeze(0), k], dim=2)
+                v = torch.cat([trunk_values.unsqueeze(0), v], dim=2)
+                allowed = torch.cat([allowed.new_ones(1, 1, length, trunk_keys.shape[1]), allowed], dim=-1)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=k.shape[1] != heads
+            )
+            outs.append(out[0].transpose(0, 1))  # [length, heads, d]
+        return torch.cat(outs).view(positions, 1, heads * dim)
 
     def _decode(self, query, key, value):
         """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
@@ -186,7 +190,7 @@ class FastAttention(torch.nn.Module):
 
 @dataclass
 class _PackedRow:
-    """Requests sharing one row of a scoring batch, as a prefix tree of token positions."""
+    """Requests sharing a prefix, as a tree of token positions: one row of a packed forward pass."""
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)  # node index, -1 for a root
@@ -262,26 +266,6 @@ def _trees(lengths: Sequence[int], shared: Sequence[int], limit: int) -> list[tu
     return runs
 
 
-def _fill_rows(trees: list[tuple[int, int, int]], width: int) -> list[tuple[int, list[int]]]:
-    """Best-fit decreasing: each tree, largest first, into the fullest row it fits in (`width` nodes; a
-    larger tree gets a row of its own). Returns (nodes, members) per row; members index the sequences."""
-    rows: list[tuple[int, list[int]]] = []
-    open_rows: list[tuple[int, int]] = []  # (nodes, row) of the rows with room, by nodes
-    for start, end, nodes in sorted(trees, key=lambda t: -t[2]):
-        members = list(range(start, end))
-        fits = bisect.bisect_right(open_rows, (width - nodes, len(rows))) - 1
-        if nodes >= width or fits < 0:
-            rows.append((nodes, members))
-            if nodes < width:
-                bisect.insort(open_rows, (nodes, len(rows) - 1))
-            continue
-        filled, row = open_rows.pop(fits)
-        rows[row] = (filled + nodes, rows[row][1] + members)
-        if filled + nodes < width:
-            bisect.insort(open_rows, (filled + nodes, row))
-    return rows
-
-
 def _trunk_classes(order: list[int], prompts: list[list[int]], wanted: list[int]) -> list[list[int]]:
     """`order` (lexicographic) cut into runs decoded apart, each sharing a longer trunk.
 
@@ -317,8 +301,8 @@ class Engine:
 
     `vocab_size` is the tokenizer's vocabulary: the model's padded vocabulary rows beyond it
     are never predicted. `max_sequence_length` is the context window, in tokens. `batch_size`
-    is the number of sequences (generation, plain scoring) or packed rows (scoring) per forward
-    pass.
+    is the number of sequences per forward pass (generation, plain scoring), or of `row_tokens`
+    positions (packed scoring and prompts).
     """
 
     def __init__(
@@ -455,26 +439,25 @@ class Engine:
         return results
 
     def _pack(self, sequences: Sequence[Sequence[int]], trunk: int = 0) -> list[_PackedRow]:
-        """Prefix-tree rows holding every sequence once, longest first, for the least estimated work.
+        """Prefix trees holding every sequence once, largest first, for the least estimated work.
 
-        Sequences sharing a prefix (a question's answer choices, several questions on one passage) are
-        kept in one row as long as their tree fits, and the trees are packed into rows best-fit, so rows
-        are nearly full. Which row width is best depends on the trees' sizes: wide rows keep large trees
-        whole, narrow ones waste less attention and padding. The widths tried are 1 to 4 x row_tokens,
-        priced by `_work` (`trunk`: keys every position also attends to)."""
+        Sequences sharing a prefix (a question's answer choices, several questions on one passage) go in
+        one tree, each token attending only to its own ancestors. Attention runs over a tree as a whole
+        (each node against every node), so a tree larger than `width` nodes is split where its sequences
+        part, the shared part computed once per piece. Which width is best depends on the trees: the
+        widths tried are 1 to 4 x row_tokens, priced by `_work` (`trunk`: keys every position also
+        attends to)."""
         order = sorted(range(len(sequences)), key=lambda k: tuple(sequences[k]))
         lengths = [len(sequences[k]) for k in order]
         shared = [0] + [_common_prefix(sequences[a], sequences[b]) for a, b in zip(order, order[1:])]
-        best: tuple[float, list[list[int]]] | None = None
-        for width in (self.row_tokens * m for m in (1, 2, 3, 4)):
-            filled = _fill_rows(_trees(lengths, shared, width), width)
-            work = self._work([size for size, _ in filled], trunk)
-            if best is None or work < best[0]:
-                best = work, [members for _, members in filled]
+        trees = min(
+            (_trees(lengths, shared, self.row_tokens * m) for m in (1, 2, 3, 4)),
+            key=lambda runs: self._work([nodes for _, _, nodes in runs], trunk),
+        )
         rows = []
-        for members in best[1]:
+        for start, end, _ in trees:
             row, previous, previous_path = _PackedRow(), (), []
-            for k in (order[i] for i in sorted(members)):  # lexicographic: each shares most with the one before
+            for k in order[start:end]:  # lexicographic: each shares most with the one before
                 sequence = sequences[k]
                 path = previous_path[: _common_prefix(previous, sequence)]
                 for token in sequence[len(path) :]:
@@ -484,49 +467,57 @@ class Engine:
             rows.append(row)
         return sorted(rows, key=lambda r: -len(r.tokens))
 
-    def _tree_inputs(self, rows: Sequence[_PackedRow]):
-        """Token ids, position ids and attention mask (True: masked) of a batch of packed rows."""
-        width = max(len(r.tokens) for r in rows)
-        allowed = np.zeros((len(rows), width, width), dtype=bool)
-        allowed[:, np.arange(width), np.arange(width)] = True  # padding attends to itself
-        positions = torch.zeros(len(rows), width, dtype=torch.long)
-        for r, row in enumerate(rows):
-            n = len(row.tokens)
-            allowed[r, :n, :n] = row.visible()
-            positions[r, :n] = torch.tensor(row.depths)
-        masked = torch.from_numpy(~allowed).unsqueeze(1).to(self.device)
-        return self._padded([row.tokens for row in rows], width), positions.to(self.device), masked
+    def _packed_forward(self, layers: list[FastAttention], rows: Sequence[_PackedRow], picks, first_position=0):
+        """One forward pass over prefix trees laid one after the other, with no padding. Logits at `picks`
+        [(row, node)]; position ids start at `first_position`. Returns the logits and the offset of each
+        row's first node in the pass."""
+        offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
+        masks = [
+            (first, torch.from_numpy(row.visible())[None, None].to(self.device)) for first, row in zip(offsets, rows)
+        ]
+        for layer in layers:
+            layer.rows = masks
+        logits = self._forward(
+            self._tensor([t for row in rows for t in row.tokens]).unsqueeze(0),
+            self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0),
+            None,
+            self._tensor([0] * len(picks)),
+            self._tensor([offsets[r] + node for r, node in picks]),
+        )
+        for layer in layers:
+            layer.rows = None
+        return logits, offsets
 
     def _work(self, sizes: list[int], trunk: int) -> float:
-        """Estimated cost of forward passes over rows of these sizes (padded to each batch's longest), in
-        units of one attention key: per position, a layer's matmuls cost 24 x hidden^2 FLOPs and each key
-        it attends to 4 x hidden, so a position costs 6 x hidden + its keys (the trunk and its row)."""
-        sizes = sorted(sizes, reverse=True)
-        per_position = 6 * self.model.config.hidden_size + trunk
-        return sum((end - start) * sizes[start] * (per_position + sizes[start]) for start, end in self._spans(sizes))
+        """Estimated cost of forward passes over trees of these sizes, in units of one attention key: per
+        position, a layer's matmuls cost 24 x hidden^2 FLOPs and each key it attends to 4 x hidden, so a
+        position costs 6 x hidden + its keys (the trunk and its tree)."""
+        return sum(size * (6 * self.model.config.hidden_size + trunk + size) for size in sizes)
 
-    def _spans(self, sizes: Sequence[int]) -> list[tuple[int, int]]:
-        """Rows (sizes longest first) in forward passes of at most `batch_size` rows and `batch_size *
-        row_tokens` positions (padded): rows longer than `row_tokens` make smaller batches."""
-        spans, start = [], 0
-        for i in range(1, len(sizes)):
-            count = i - start
-            if count == self.batch_size or (count + 1) * sizes[start] > self.batch_size * self.row_tokens:
-                spans.append((start, i))
-                start = i
-        return spans + [(start, len(sizes))] if sizes else spans
-
-    def _batches(self, rows: list[_PackedRow]) -> Iterator[list[_PackedRow]]:
-        """`_spans` of rows sorted longest first."""
-        for start, end in self._spans([len(r.tokens) for r in rows]):
-            yield rows[start:end]
+    def _batches(self, rows: list[_PackedRow]) -> list[list[_PackedRow]]:
+        """Rows (largest first) in as few forward passes of at most `batch_size * row_tokens` positions as
+        this finds, of even sizes: each row goes to the emptiest pass, or a new one where it does not fit
+        (a row larger than a pass takes one of its own). Passes of even sizes keep every matmul large."""
+        limit = self.batch_size * self.row_tokens
+        count = math.ceil(sum(min(len(row.tokens), limit) for row in rows) / limit)
+        passes: list[tuple[int, int]] = [(0, i) for i in range(count)]  # (positions, pass) heap
+        batches: list[list[_PackedRow]] = [[] for _ in range(count)]
+        for row in rows:
+            positions, i = passes[0]
+            if positions and positions + len(row.tokens) > limit:  # no room in any pass
+                batches.append([row])
+                heapq.heappush(passes, (len(row.tokens), len(batches) - 1))
+            else:
+                batches[i].append(row)
+                heapq.heapreplace(passes, (positions + len(row.tokens), i))
+        return batches
 
     def _score_packed(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
         rows = self._pack([s[:-1] for s in sequences])  # a sequence's last token predicts nothing that is read
-        with self._fast_attention():
+        with self._fast_attention() as layers:
             for batch in self._batches(rows):
-                members, picks, pick_rows, pick_columns = [], [], [], []
+                members, picks = [], []
                 picked: dict[tuple[int, int], int] = {}  # (row, node) -> logits row
                 for r, row in enumerate(batch):
                     for k, path in row.paths.items():
@@ -534,12 +525,8 @@ class Engine:
                         members.append(k)
                         for i in wanted[k]:
                             node = path[i - 1]  # the logits after token i-1 predict token i
-                            if (r, node) not in picked:
-                                picked[(r, node)] = len(pick_rows)
-                                pick_rows.append(r)
-                                pick_columns.append(node)
-                            picks.append((local, i, picked[(r, node)]))
-                logits = self._forward(*self._tree_inputs(batch), self._tensor(pick_rows), self._tensor(pick_columns))
+                            picks.append((local, i, picked.setdefault((r, node), len(picked))))
+                logits, _ = self._packed_forward(layers, batch, list(picked))
                 scores = self._finish_scores([sequences[k] for k in members], picks, logits)
                 for local, k in enumerate(members):
                     results[k] = scores[local]
@@ -633,16 +620,14 @@ class Engine:
             if trunk:
                 for layer in layers:
                     layer.keep = True
-                self._forward(  # the logits are not used
-                    self._padded([prompts[0][:trunk]], trunk),
-                    self._tensor(range(trunk)).unsqueeze(0),
-                    self._causal(trunk),
-                    self._tensor([]),
-                    self._tensor([]),
-                )
+                chain = _PackedRow()
+                for token in prompts[0][:trunk]:
+                    chain.add(token, len(chain.tokens) - 1)
+                self._packed_forward(layers, [chain], [])  # the logits are not used
                 for layer in layers:
                     keys, values = layer.fresh
-                    layer.trunk, layer.fresh = (keys[0].contiguous(), values[0].contiguous()), None
+                    layer.trunk = keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()
+                    layer.fresh = None
             steps = max(r.max_new_tokens for r in requests)
             width = max(len(p) for p in own)
             taken = self._prefill(own, trunk, width + steps, layers, state)
@@ -685,30 +670,22 @@ class Engine:
             layer.keep = True
         for batch in self._batches(rows):
             members = [(r, k) for r, row in enumerate(batch) for k in row.paths]
-            tokens, positions, masked = self._tree_inputs(batch)
-            out = self._forward(
-                tokens,
-                positions + trunk,
-                masked,
-                self._tensor([r for r, _ in members]),
-                self._tensor([batch[r].paths[k][-1] for r, k in members]),
-            )
+            out, offsets = self._packed_forward(layers, batch, [(r, batch[r].paths[k][-1]) for r, k in members], trunk)
             live = [i for i, (_, k) in enumerate(members) if state.reasons[k] is None]
             chosen = state.step([members[i][1] for i in live], out[self._tensor(live)])
             taken.update((members[i][1], t) for i, t in zip(live, chosen) if t is not None)
-            source_rows, source_nodes, target_rows, target_positions = [], [], [], []
+            sources, target_rows, target_positions = [], [], []
             for r, k in members:
                 path = batch[r].paths[k]
-                source_rows += [r] * len(path)
-                source_nodes += path
+                sources += [offsets[r] + node for node in path]
                 target_rows += [k] * len(path)
                 target_positions += range(len(path))
-            source_rows, source_nodes = self._tensor(source_rows), self._tensor(source_nodes)
+            sources = self._tensor(sources)
             target_rows, target_positions = self._tensor(target_rows), self._tensor(target_positions)
             for layer in layers:
                 fresh, layer.fresh = layer.fresh, None
                 if layer.cache is None:
-                    _, groups, _, dim = fresh[0].shape
+                    _, groups, dim = fresh[0].shape
                     keys, values = fresh
                     layer.cache = (
                         keys.new_empty(len(own), groups, capacity, dim),
@@ -717,7 +694,7 @@ class Engine:
                     # the padding's keys are masked out; its values get a zero weight, so must be finite
                     layer.cache[1][:, :, :width].zero_()
                 for cached, computed in zip(layer.cache, fresh):
-                    cached[target_rows, :, target_positions] = computed[source_rows, :, source_nodes]
+                    cached[target_rows, :, target_positions] = computed[sources]
         for layer in layers:
             layer.keep = False
         return taken

@@ -196,26 +196,37 @@ def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(
         assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
 
 
-def test_a_forward_pass_holds_at_most_batch_size_rows_of_positions(gpt, char_tokenizer):
+def test_a_forward_pass_holds_at_most_batch_size_row_tokens_positions(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
-    # rows longer than row_tokens (one long request each) next to ordinary ones, longest first
-    rows = subject._pack([[i] * n for i, n in enumerate([30, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)])
+    # trees larger than a pass (one long request each) next to ordinary ones, largest first
+    rows = subject._pack([[i] * n for i, n in enumerate([40, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)])
     batches = list(subject._batches(rows))
     assert sum(len(b) for b in batches) == len(rows)
     for batch in batches:
-        assert len(batch) <= 4
-        assert len(batch) == 1 or len(batch) * len(batch[0].tokens) <= 4 * 8
+        assert len(batch) == 1 or sum(len(row.tokens) for row in batch) <= 4 * 8
+    # 105 positions in four passes: the 40-token tree alone, the others each into the emptiest pass
+    assert sorted(sum(len(row.tokens) for row in b) for b in batches) == [23, 24, 26, 40]
 
 
-def test_rows_are_filled_best_fit(gpt, char_tokenizer):
+def test_each_prefix_tree_is_a_row_of_its_own(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
-    # in lexicographic order 5, 5, 3, 3 tokens: filled one after the other they take three rows of 8
-    sequences = [[1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [3, 4, 5], [4, 5, 6]]
+    sequences = [[1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [3, 4, 5], [3, 4, 6], [4, 5, 6]]
     rows = subject._pack(sequences)
-    assert [len(r.tokens) for r in rows] == [8, 8]
+    assert sorted(len(r.tokens) for r in rows) == [3, 4, 5, 5]
     for row in rows:
         for k, path in row.paths.items():
             assert [row.tokens[node] for node in path] == sequences[k]
+
+
+def test_scoring_computes_each_needed_prefix_once_and_no_padding(gpt, char_tokenizer):
+    fed = []
+    handle = gpt.embedding.word_embeddings.register_forward_hook(lambda _m, inputs, _o: fed.append(inputs[0].numel()))
+    try:
+        engine(gpt, char_tokenizer.vocab_size, batch_size=2, row_tokens=4).score(SEQUENCES)
+    finally:
+        handle.remove()
+    # a sequence's last token is read as a target, never fed: its logits would predict nothing
+    assert sum(fed) == len({tuple(s[:i]) for s in SEQUENCES for i in range(1, len(s))})
 
 
 def test_a_prefix_tree_wider_than_a_row_stays_whole_when_that_costs_less(gpt, char_tokenizer):
