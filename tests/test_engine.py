@@ -142,12 +142,26 @@ def test_rotary_positions_take_the_plain_path(megatron_world, char_tokenizer):
     assert got[1:] == pytest.approx([float(expected[i - 1, SEQUENCES[0][i]]) for i in range(1, 6)], abs=1e-5)
 
 
-def test_the_model_keeps_its_own_attention_after_a_call(gpt, char_tokenizer):
+def test_the_model_keeps_its_own_attention_and_matmuls_after_a_call(gpt, char_tokenizer):
     before = [type(m.self_attention.core_attention) for m in gpt.decoder.layers]
     subject = engine(gpt, char_tokenizer.vocab_size)
     subject.score(SEQUENCES)
     subject.generate([GenerationRequest([5, 6], 3)])
     assert [type(m.self_attention.core_attention) for m in gpt.decoder.layers] == before
+    assert not [name for name, m in gpt.named_modules() if "_forward_impl" in vars(m)]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
+def test_on_cpu_every_linear_layer_runs_through_onednn(gpt, char_tokenizer, fast):
+    subject = engine(gpt, char_tokenizer.vocab_size, fast)
+    assert subject.linear is not None  # the pinned CPU torch has oneDNN
+    inner, shapes = subject.linear, []
+    subject.linear = lambda input, weight, bias=None: shapes.append(tuple(weight.shape)) or inner(input, weight, bias)
+    subject.score([[5, 6, 7]])
+    linears = [m for m in gpt.modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
+    weights = [gpt.shared_embedding_or_output_weight() if m.weight is None else m.weight for m in linears]
+    # every layer's four matmuls (qkv, attention out, mlp in, mlp out) and the output layer, once each
+    assert sorted(shapes) == sorted(tuple(w.shape) for w in weights)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["cached", "plain"])
