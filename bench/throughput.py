@@ -38,7 +38,8 @@ What is measured and how:
   completion text, tokenized the same way), divided by that engine's time.
 * Each ratio in the RESULT line is our throughput over theirs on identical requests (= their time / ours).
 * ``useful_flops_util``: the forward FLOPs that a minimal computation of our results needs, divided by our
-  wall time and by the peak matmul rate measured in this run (square fp32 matmul on the same device).
+  wall time and by the peak matmul rate measured in this run (square fp32 matmul on the same device; on
+  CPU the faster of PyTorch's matmul, which calls MKL, and oneDNN's, which the engine calls).
   Minimal: every distinct token position (a node of the prefix trie of all token sequences fed to the
   model) once, at ``2 * N + 4 * layers * hidden * (position + 1)`` FLOPs (N: non-embedding parameters, the
   second term: attention scores and weighted values over the causal context), plus the output layer,
@@ -511,13 +512,24 @@ class Clock:
             torch.cuda.synchronize()
 
 
-def matmul_peak(clock: Clock, device: str, size: int, repeats: int = 3) -> float:
-    """FLOP/s of the best of `repeats` square fp32 matmuls of `size` on `device`."""
+def matmul_peak(clock: Clock, device: str, size: int, repeats: int = 3) -> tuple[float, dict[str, float]]:
+    """FLOP/s of the best of `repeats` square fp32 matmuls of `size` on `device`, by every kernel at hand:
+    PyTorch's matmul (MKL on CPU) and, on CPU, oneDNN's, which the engine uses. Returns the fastest and
+    each kernel's rate."""
+    from megatron_eval_hook.engine import onednn_linear
+
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    clock.time(lambda: a @ b)
-    best = min(clock.time(lambda: a @ b)[1] for _ in range(repeats))
-    return 2 * size**3 / best
+    kernels = {"torch.matmul": lambda: a @ b}
+    linear = onednn_linear() if device == "cpu" else None
+    if linear is not None:
+        kernels["oneDNN"] = lambda: linear(a, b)  # a @ b^T: the same work
+    rates = {}
+    for name, kernel in kernels.items():
+        clock.time(kernel)
+        best = min(clock.time(kernel)[1] for _ in range(repeats))
+        rates[name] = 2 * size**3 / best
+    return max(rates.values()), rates
 
 
 @dataclass(frozen=True)
@@ -714,7 +726,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
         engines.append(LmEval(folder, args.device, args.batch_size))
 
     clock = Clock(args.device)
-    peak = matmul_peak(clock, args.device, 1024 if args.quick else 4096)
+    peak, kernels = matmul_peak(clock, args.device, 1024 if args.quick else 4096)
+    print("matmul peak by kernel: " + ", ".join(f"{k} {r / 1e9:.1f} GFLOP/s" for k, r in kernels.items()))
     warm_up(clock, engines, runs)
 
     timings = {e.name: {b: Timing() for b in args.benchmarks} for e in engines}
