@@ -21,6 +21,9 @@ the model's core attention for the duration of a call (`FastAttention`):
 
 Models with other position encodings (rotary) take the plain path: every request recomputed in
 full, with Megatron's own attention. Both paths give the same numbers up to float rounding.
+
+On CPU, both paths run the model's float32 linear layers through oneDNN's kernel (`onednn_linear`)
+rather than PyTorch's default MKL call, about twice as fast on AMD processors.
 """
 
 from __future__ import annotations
