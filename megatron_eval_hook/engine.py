@@ -46,7 +46,7 @@ STOP, LENGTH, END_OF_TEXT = "stop", "length", "endoftext"
 # Scoring packs requests into prefix trees of at most 1 to 4 times this many tokens (more when one
 # request is longer), generation the parts of its prompts after their common trunk. Attention over a
 # tree is dense: larger trees share more prefixes but pay for attention between positions that cannot
-# see each other. A forward pass holds about batch_size x ROW_TOKENS positions.
+# see each other. A forward pass holds up to batch_size x ROW_TOKENS positions (on CPU, CPU_PASS_POSITIONS).
 ROW_TOKENS = 256
 
 # A generation group's key/value cache holds at most this many batches (batch_size x row_tokens
@@ -56,6 +56,11 @@ CACHE_BATCHES = 8
 # A decoding step costs about as much as computing this many prompt positions, however few requests it
 # feeds (on CPU, mostly one read of the weights): what a request decoded apart from a group costs it.
 STEP_POSITIONS = 32
+
+# On CPU a packed forward pass holds at most this many positions: past it the MLP's [positions, 4 x hidden]
+# activations outgrow the last-level cache and the matmuls slow down (GPT-2 small through oneDNN on a 32 MiB
+# L3: ~430 GFLOP/s per layer at 512-2048 positions, ~380 at 4096).
+CPU_PASS_POSITIONS = 2048
 
 LOGSUMEXP_ROWS = 64  # logits rows normalized together (64 x 50k float32 vocabulary: 12 MiB)
 
@@ -347,6 +352,9 @@ class Engine:
         self.row_tokens = row_tokens
         dtype = next(model.parameters()).dtype
         self.linear = onednn_linear() if self.device.type == "cpu" and dtype == torch.float32 else None
+        self.pass_positions = batch_size * row_tokens
+        if self.device.type == "cpu":
+            self.pass_positions = min(self.pass_positions, CPU_PASS_POSITIONS)
 
     # -- forward passes ----------------------------------------------------------------------
 
@@ -535,10 +543,11 @@ class Engine:
         return sum(size * (6 * self.model.config.hidden_size + trunk + size) for size in sizes)
 
     def _batches(self, rows: list[_PackedRow]) -> list[list[_PackedRow]]:
-        """Rows (largest first) in as few forward passes of at most `batch_size * row_tokens` positions as
-        this finds, of even sizes: each row goes to the emptiest pass, or a new one where it does not fit
-        (a row larger than a pass takes one of its own). Passes of even sizes keep every matmul large."""
-        limit = self.batch_size * self.row_tokens
+        """Rows (largest first) in as few forward passes of at most `pass_positions` (batch_size x
+        row_tokens, on CPU at most CPU_PASS_POSITIONS) as this finds, of even sizes: each row goes to the
+        emptiest pass, or a new one where it does not fit (a row larger than a pass takes one of its own).
+        Passes of even sizes keep every matmul large."""
+        limit = self.pass_positions
         count = math.ceil(sum(min(len(row.tokens), limit) for row in rows) / limit)
         passes: list[tuple[int, int]] = [(0, i) for i in range(count)]  # (positions, pass) heap
         batches: list[list[_PackedRow]] = [[] for _ in range(count)]

@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import tiny_gpt
 
-from megatron_eval_hook.engine import END_OF_TEXT, LENGTH, STOP, Engine, GenerationRequest, RequestTooLong
+from megatron_eval_hook.engine import (
+    CPU_PASS_POSITIONS,
+    END_OF_TEXT,
+    LENGTH,
+    STOP,
+    Engine,
+    GenerationRequest,
+    RequestTooLong,
+)
 
 # Requests sharing prefixes, as multiple-choice questions do, plus a duplicate and a lone token.
 SEQUENCES = [
@@ -211,6 +219,7 @@ def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(
 
 
 def test_a_forward_pass_holds_at_most_batch_size_row_tokens_positions(gpt, char_tokenizer):
+    assert engine(gpt, char_tokenizer.vocab_size, batch_size=16).pass_positions == CPU_PASS_POSITIONS < 16 * 256
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
     # trees larger than a pass (one long request each) next to ordinary ones, largest first
     rows = subject._pack([[i] * n for i, n in enumerate([40, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)])
