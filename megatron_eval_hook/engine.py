@@ -362,7 +362,8 @@ class Engine:
     def _forward(self, tokens, positions, masked, rows, columns) -> torch.Tensor:
         """Logits over the real vocabulary at (rows[i], columns[i]) only: [n] x [n] -> [n, vocab].
 
-        `masked` [b, 1, sq, sk] is True where a query must not attend.
+        `masked` [b, 1, sq, sk] is True where a query must not attend (Megatron's attention); None under
+        `FastAttention`, which takes its masks from the engine.
         """
 
         def project(*, hidden_states, output_layer, output_weight, scale_logits, **_):
