@@ -44,7 +44,7 @@ class ScheduleConfig:
 class EngineConfig:
     """The scoring engine that answers HELM's requests with the training model."""
 
-    batch_size: int = 16  # up to batch_size x 256 packed positions per forward pass; sizes the generation cache
+    batch_size: int = 16  # up to batch_size x 256 packed positions per pass (CPU: 2048); sizes the generation cache
     max_sequence_length: int | None = None  # tokens; null = Megatron's --seq-length
 
 
