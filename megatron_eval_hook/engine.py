@@ -137,9 +137,9 @@ class FastAttention(torch.nn.Module):
 
     - trees (`rows` set): the call's positions are one sequence (b = 1) holding prefix trees one
       after the other, with no padding for the layer's matmuls to compute. `rows` gives each tree's
-      first position and which of its nodes each node sees (itself and its ancestors); attention
-      runs tree by tree, each query also seeing every position of `trunk` when one is set. With
-      `keep`, the call's keys and values stay in `fresh` for the engine to cache.
+      first position and which keys each of its nodes sees: every position of `trunk` when one is
+      set, then itself and its ancestors. Attention runs tree by tree. With `keep`, the call's keys
+      and values stay in `fresh` for the engine to cache.
     - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. A cache row
       holds the request's prompt part (after the trunk), padded to a common width, then its
       generated tokens: every row writes its new key and value at the same `column`, and attends
@@ -152,7 +152,7 @@ class FastAttention(torch.nn.Module):
         self.scale = scale
         self.trunk: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [groups, t, d]
         self.keep = False
-        self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, n] True: sees
+        self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, t + n] True: sees
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [positions, groups, d]
         self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [rows, groups, capacity, d]
         self.padding: torch.Tensor | None = None  # [rows, 1, 1, capacity] True where a row has no key
@@ -169,13 +169,12 @@ class FastAttention(torch.nn.Module):
             self.fresh = key, value
         outs = []
         for first, allowed in self.rows:
-            length = allowed.shape[-1]
+            length = allowed.shape[-2]
             q, k, v = (t[first : first + length].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-            if self.trunk is not None:  # every query sees the whole trunk
+            if self.trunk is not None:
                 trunk_keys, trunk_values = self.trunk
                 k = torch.cat([trunk_keys.unsqueeze(0), k], dim=2)
                 v = torch.cat([trunk_values.unsqueeze(0), v], dim=2)
-                allowed = torch.cat([allowed.new_ones(1, 1, length, trunk_keys.shape[1]), allowed], dim=-1)
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=k.shape[1] != heads
             )
@@ -492,9 +491,9 @@ class Engine:
 
         Sequences sharing a prefix (a question's answer choices, several questions on one passage) go in
         one tree, each token attending only to its own ancestors. Attention runs over a tree as a whole
-        (each node against every node), so a tree larger than `width` nodes is split where its sequences
-        part, the shared part computed once per piece. Which width is best depends on the trees: the
-        widths tried are 1 to 4 x row_tokens, priced by `_work` (`trunk`: keys every position also
+        (each node against every node), so a tree over a limit of nodes is split where its sequences
+        part, the shared part computed once per piece. Which limit is best depends on the trees: the
+        limits tried are 1 to 4 x row_tokens, priced by `_work` (`trunk`: keys every position also
         attends to)."""
         order = sorted(range(len(sequences)), key=lambda k: tuple(sequences[k]))
         lengths = [len(sequences[k]) for k in order]
@@ -505,25 +504,26 @@ class Engine:
         )
         rows = []
         for start, end, _ in trees:
-            row, previous, previous_path = _PackedRow(), (), []
-            for k in order[start:end]:  # lexicographic: each shares most with the one before
-                sequence = sequences[k]
-                path = previous_path[: _common_prefix(previous, sequence)]
-                for token in sequence[len(path) :]:
+            row, path = _PackedRow(), []
+            for i in range(start, end):  # lexicographic: each shares most with the one before
+                k = order[i]
+                path = path[: shared[i]] if i > start else []
+                for token in sequences[k][len(path) :]:
                     path.append(row.add(token, path[-1] if path else -1))
                 row.paths[k] = path
-                previous, previous_path = sequence, path
             rows.append(row)
         return sorted(rows, key=lambda r: -len(r.tokens))
 
     def _packed_forward(self, layers: list[FastAttention], rows: Sequence[_PackedRow], picks, first_position=0):
         """One forward pass over prefix trees laid one after the other, with no padding. Logits at `picks`
-        [(row, node)]; position ids start at `first_position`. Returns the logits and the offset of each
-        row's first node in the pass."""
+        [(row, node)]. The trees follow `first_position` positions every node sees (the layers' trunk);
+        their position ids start there. Returns the logits and the offset of each row's first node in the
+        pass."""
         offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
-        masks = [
-            (first, torch.from_numpy(row.visible())[None, None].to(self.device)) for first, row in zip(offsets, rows)
-        ]
+        masks = []
+        for first, row in zip(offsets, rows):
+            seen = np.concatenate([np.ones((len(row.tokens), first_position), dtype=bool), row.visible()], axis=1)
+            masks.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
         for layer in layers:
             layer.rows = masks
         logits = self._forward(
