@@ -28,6 +28,7 @@ rather than PyTorch's default MKL call, about twice as fast on AMD processors.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -249,6 +250,14 @@ class _Group:
     new_tokens: int
 
 
+@dataclass
+class _Trunk:
+    """A decoding group's common trunk and, per layer, its keys and values ([groups, t, d] each)."""
+
+    tokens: list[int] = field(default_factory=list)
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
 def _common_trunk(prompts: Sequence[Sequence[int]]) -> Sequence[int]:
     """The longest prefix of every prompt that leaves each of them at least one token of its own."""
     shortest = min(len(p) for p in prompts)
@@ -295,9 +304,10 @@ def _trunk_classes(order: list[int], prompts: list[list[int]], wanted: list[int]
 
     A run of n prompts whose common trunk is m tokens long computes about sum(lengths) - (n - 1) x m
     positions. Cut where its prompts part (its children: the runs that share more than m), it computes
-    sum over children of (n_j - 1) x (t_j - m) fewer, but each child after the first pays the m tokens
-    and its decoding steps again (`STEP_POSITIONS` each). HELM fitting a long passage by dropping an
-    in-context example makes such a child: one prompt that shares only part of everyone's examples."""
+    sum over children of (n_j - 1) x (t_j - m) fewer, but each child after the first pays its decoding
+    steps again (`STEP_POSITIONS` each; the m tokens it reuses from the child before). HELM fitting a long
+    passage by dropping an in-context example makes such a child: one prompt that shares only part of
+    everyone's examples."""
     shared = [0] + [_common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
 
     def trunk(start: int, end: int) -> int:
@@ -313,7 +323,7 @@ def _trunk_classes(order: list[int], prompts: list[list[int]], wanted: list[int]
             if len(children) > 1:
                 gained = sum((b - a - 1) * (trunk(a, b) - common) for a, b in children)
                 steps = max(wanted[order[i]] for i in range(start, end))
-                if gained > (len(children) - 1) * (common + STEP_POSITIONS * steps):
+                if gained > (len(children) - 1) * STEP_POSITIONS * steps:
                     pending.extend(reversed(children))
                     continue
         classes.append([order[i] for i in range(start, end)])
@@ -598,7 +608,8 @@ class Engine:
         if self.plain_reason is None:
             # in lexicographic order, prompts sharing a prefix (the same in-context examples) are neighbours
             order = sorted(range(len(prompts)), key=lambda i: prompts[i])
-            run, groups = self._generate_cached, self._decoding_groups(order, prompts, requests)
+            groups, last_trunk = self._decoding_groups(order, prompts, requests), _Trunk()
+            run = functools.partial(self._generate_cached, last_trunk=last_trunk)
         else:  # neighbours have similar lengths
             run, order = self._generate_plain, sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
             groups = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
@@ -656,13 +667,15 @@ class Engine:
                     tokens[i].append(token)
         return state.results()
 
-    def _generate_cached(self, prompts: list[list[int]], requests: list[GenerationRequest]) -> list[Generation]:
+    def _generate_cached(
+        self, prompts: list[list[int]], requests: list[GenerationRequest], last_trunk: _Trunk
+    ) -> list[Generation]:
         """Prompts decoded together with a key/value cache.
 
         The prompts' common trunk (HELM's in-context examples, the same at the start of every prompt) is
-        computed once and its keys and values kept once, seen by every request. The rest of each prompt
-        is computed packed into prefix trees (`_prefill`) and copied into the request's own cache row.
-        Then each step feeds every request's last token at once, one position each."""
+        computed once and its keys and values kept once, seen by every request (`_set_trunk`). The rest
+        of each prompt is computed packed into prefix trees (`_prefill`) and copied into the request's own
+        cache row. Then each step feeds every request's last token at once, one position each."""
         state = _Greedy(requests, self.end_of_text)
         if not state.live:
             return state.results()
@@ -670,16 +683,7 @@ class Engine:
         own = [p[trunk:] for p in prompts]
         with self._fast_attention() as layers:
             if trunk:
-                for layer in layers:
-                    layer.keep = True
-                chain = _PackedRow()
-                for token in prompts[0][:trunk]:
-                    chain.add(token, len(chain.tokens) - 1)
-                self._packed_forward(layers, [chain], [])  # the logits are not used
-                for layer in layers:
-                    keys, values = layer.fresh
-                    layer.trunk = keys.transpose(0, 1).contiguous(), values.transpose(0, 1).contiguous()
-                    layer.fresh = None
+                self._set_trunk(layers, prompts[0][:trunk], last_trunk)
             steps = max(r.max_new_tokens for r in requests)
             width = max(len(p) for p in own)
             taken = self._prefill(own, trunk, width + steps, layers, state)
@@ -707,6 +711,30 @@ class Engine:
                 )
                 taken = {k: t for k, t in zip(live, state.step(live, logits)) if t is not None}
         return state.results()
+
+    def _set_trunk(self, layers: list[FastAttention], tokens: list[int], last: _Trunk) -> None:
+        """Gives every layer the keys and values of `tokens` as its trunk. The part that starts the last
+        group's trunk is reused (groups come in lexicographic order: a group split by the cache's size has
+        the same trunk as the one before, and a prompt that kept fewer in-context examples shares most of
+        them); the rest is computed attending to it. `last` becomes this trunk."""
+        reused = _common_prefix(last.tokens, tokens)
+        for layer, (keys, values) in zip(layers, last.layers):
+            layer.trunk = (keys[:, :reused], values[:, :reused]) if reused else None
+        if reused == len(tokens):
+            return
+        chain = _PackedRow()
+        for token in tokens[reused:]:
+            chain.add(token, len(chain.tokens) - 1)
+        for layer in layers:
+            layer.keep = True
+        self._packed_forward(layers, [chain], [], first_position=reused)  # the logits are not used
+        for layer in layers:
+            computed = [t.transpose(0, 1) for t in layer.fresh]
+            if layer.trunk is not None:
+                computed = [torch.cat(pair, dim=1) for pair in zip(layer.trunk, computed)]
+            layer.trunk = computed[0].contiguous(), computed[1].contiguous()
+            layer.fresh, layer.keep = None, False
+        last.tokens, last.layers = list(tokens), [layer.trunk for layer in layers]
 
     def _prefill(
         self, own: list[list[int]], trunk: int, capacity: int, layers: list[FastAttention], state: _Greedy

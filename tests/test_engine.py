@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import tiny_gpt
@@ -241,15 +244,40 @@ def test_each_prefix_tree_is_a_row_of_its_own(gpt, char_tokenizer):
             assert [row.tokens[node] for node in path] == sequences[k]
 
 
-def test_scoring_computes_each_needed_prefix_once_and_no_padding(gpt, char_tokenizer):
-    fed = []
-    handle = gpt.embedding.word_embeddings.register_forward_hook(lambda _m, inputs, _o: fed.append(inputs[0].numel()))
+@contextmanager
+def positions_fed(model) -> Iterator[list[int]]:
+    """The number of positions of each forward pass, counted at the token embedding."""
+    fed: list[int] = []
+    handle = model.embedding.word_embeddings.register_forward_hook(lambda _m, inputs, _o: fed.append(inputs[0].numel()))
     try:
-        engine(gpt, char_tokenizer.vocab_size, batch_size=2, row_tokens=4).score(SEQUENCES)
+        yield fed
     finally:
         handle.remove()
+
+
+def test_scoring_computes_each_needed_prefix_once_and_no_padding(gpt, char_tokenizer):
+    with positions_fed(gpt) as fed:
+        engine(gpt, char_tokenizer.vocab_size, batch_size=2, row_tokens=4).score(SEQUENCES)
     # a sequence's last token is read as a target, never fed: its logits would predict nothing
     assert sum(fed) == len({tuple(s[:i]) for s in SEQUENCES for i in range(1, len(s))})
+
+
+def test_decoding_groups_sharing_a_trunk_compute_it_once(gpt, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    trunk = [(7 * i) % 60 + 1 for i in range(30)]
+    requests = [GenerationRequest(trunk + [i + 1, 60 - i], 2) for i in range(12)]
+    # a cache of 8 x 2 x 4 = 64 positions holds the trunk and 8 requests of 2 + 2 positions: two groups
+    subject = engine(gpt, vocab, batch_size=2, row_tokens=4)
+    prompts = [r.prompt for r in requests]
+    assert len(subject._decoding_groups(sorted(range(12), key=lambda i: prompts[i]), prompts, requests)) == 2
+    with positions_fed(gpt) as fed:
+        cached = subject.generate(requests)
+    # the trunk once, each prompt's own two tokens, then one step feeding each request's first new token
+    assert sum(fed) == 30 + 12 * 2 + 12
+    plain = engine(gpt, vocab, fast=False, batch_size=1).generate(requests)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for c, p in zip(cached, plain):
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
 
 
 def test_a_prefix_tree_wider_than_a_row_stays_whole_when_that_costs_less(gpt, char_tokenizer):
@@ -270,7 +298,11 @@ def test_a_prompt_sharing_part_of_the_trunk_is_decoded_apart(model, char_tokeniz
     prompts = [r.prompt for r in requests]
     groups = subject._decoding_groups(sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, requests)
     assert sorted(sorted(g) for g in groups) == [list(range(11)), [11], [12]]
-    cached = subject.generate(requests)
+    with positions_fed(model) as fed:
+        cached = subject.generate(requests)
+    # each group's trunk computes only what the group before it did not: trunk[:8] + [1, 2], then
+    # trunk[8:], then [70]; each prompt's own part; two steps feeding each request's latest token
+    assert sum(fed) == 10 + 40 + 1 + (1 + 11 * 2 + 1) + 13 * 2
     plain = engine(model, vocab, fast=False, batch_size=1).generate(requests)
     assert [g.tokens for g in cached] == [g.tokens for g in plain]
     for c, p in zip(cached, plain):
