@@ -126,6 +126,7 @@ class Backfill:
             placement=PLACEMENT,
             sinks=self._sinks(args),
             where=self.where,
+            megatron_args=args,
         )
         logger.info("run %r: benchmarks %s, ledger %s", self.run, self._evaluator.benchmark_names, self.ledger.path)
 

@@ -88,6 +88,7 @@ class EvalHookConfig:
     data_dir: str = "data/helm"
     output_dir: str | None = None  # null = <--save>/eval_hook
     ledger: str | None = None  # null = <output_dir>/ledger.sqlite
+    export_hf: str | None = None  # a folder: each evaluated save's weights as a Hugging Face GPT-2 folder in it
     engine: EngineConfig = field(default_factory=EngineConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
 from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.engine import Engine
+from megatron_eval_hook.export import SnapshotExport
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.helm.runner import BenchmarkError, HelmSuite
 from megatron_eval_hook.ledger import Ledger, MetricValue
@@ -48,6 +50,7 @@ class Evaluator:
         placement: str,
         sinks: list[Sink],
         where: str,
+        megatron_args: Any,
     ):
         self.config = config
         self.run = run
@@ -62,6 +65,7 @@ class Evaluator:
         self._main: dict[str, float] = {}  # benchmark -> main score of the latest evaluation
         self._duration_s = 0.0
         self.failed: list[str] = []  # benchmarks that failed in the latest evaluation
+        self.export = SnapshotExport.check(config.export_hf, megatron_args, where) if config.export_hf else None
         try:
             self.suite = HelmSuite(
                 benchmarks,
@@ -113,6 +117,8 @@ class Evaluator:
         try:
             gpt, tokenizer = model()
             gpt.eval()
+            if self.export is not None:
+                self._export(gpt, iteration)
             engine = Engine(
                 gpt,
                 vocab_size=tokenizer.vocab_size,
@@ -135,6 +141,21 @@ class Evaluator:
                 self.failed.append(name)
             self._open.clear()
             raise
+
+    def _export(self, gpt: Any, iteration: int) -> None:
+        """`export_hf`: a failure is logged and the benchmarks still run (their scores matter more)."""
+        started = time.perf_counter()
+        try:
+            out = self.export.write(gpt, iteration)
+        except Exception as error:
+            logger.warning(
+                "iteration %d: export_hf failed, the benchmarks run anyway: %s: %s",
+                iteration,
+                type(error).__name__,
+                error,
+            )
+            return
+        logger.info("iteration %d: weights written to %s (%.1f s)", iteration, out, time.perf_counter() - started)
 
     def skip(self, iteration: int, tokens: int | None, reason: str) -> None:
         """Record every benchmark of the save at `iteration` as skipped, with `reason`."""

@@ -10,6 +10,7 @@ log-probabilities, which lets HELM's own Hugging Face client check this project'
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,12 @@ def to_hf_gpt2(gpt: Any, *, vocab_size: int, end_of_text: int | None = None) -> 
     `vocab_size` is the tokenizer's vocabulary: the padded rows of Megatron's embedding are
     dropped, so neither model can predict them.
     """
-    weights = {k: v.detach().float().cpu() for k, v in gpt.state_dict().items() if "_extra_state" not in k}
+    # copies: the Hugging Face model gets tensors of its own, never the live model's
+    weights = {
+        k: v.detach().to("cpu", torch.float32, copy=True)
+        for k, v in gpt.state_dict().items()
+        if "_extra_state" not in k
+    }
     return _hf_gpt2(weights, Architecture.of_model(gpt), vocab_size, end_of_text)
 
 
@@ -183,11 +189,17 @@ def _hf_gpt2(weights: dict[str, torch.Tensor], arch: Architecture, vocab_size: i
             h + "mlp.c_proj.weight": weights[m + "mlp.linear_fc2.weight"].t(),
             h + "mlp.c_proj.bias": weights[m + "mlp.linear_fc2.bias"],
         }
-    model = GPT2LMHeadModel(hf_config)
-    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    with torch.device("meta"):  # no random initialization (a second per 100M parameters): all is assigned below
+        model = GPT2LMHeadModel(hf_config)
+    state = {k: v.contiguous() for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
     if missing or unexpected:
         raise NotGPT2(f"weights do not map onto GPT-2: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    unset = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if unset:
+        raise NotGPT2(f"weights do not map onto GPT-2: no values for {unset}")
     return model.eval()
 
 
@@ -200,6 +212,64 @@ def gpt2_tokenizer(vocab_file: str | Path, merge_file: str | Path, end_of_text: 
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token=end_of_text, eos_token=end_of_text, unk_token=end_of_text
     )
+
+
+class SnapshotExport:
+    """Writes the weights of each evaluated save as a Hugging Face GPT-2 folder, `<folder>/iter_NNNNNNN`.
+
+    The weights are the ones the benchmarks ran on, in memory: the live model under the sync placement,
+    the eval process's copy of the snapshot under the async one; no checkpoint is read. `check` refuses,
+    before training starts, a model that is not GPT-2 or a tokenizer that is not GPT-2's BPE."""
+
+    def __init__(self, folder: str | Path, vocab_file: str | Path, merge_file: str | Path):
+        self.folder = Path(folder)
+        self.vocab_file, self.merge_file = Path(vocab_file), Path(merge_file)
+
+    @classmethod
+    def check(cls, folder: str | Path, megatron_args: Any, where: str) -> SnapshotExport:
+        """For a run with these Megatron arguments; raises `ConfigError` naming `export_hf` and the fix."""
+        from megatron_eval_hook.config import ConfigError
+
+        def refuse(reason: str, fix: str) -> ConfigError:
+            return ConfigError(f"{where}: export_hf={str(folder)!r}: {reason}. Fix: {fix}")
+
+        try:
+            Architecture.of_args(megatron_args)
+        except NotGPT2 as error:
+            raise refuse(str(error), "set export_hf=null; only GPT-2 models can be exported") from error
+        tokenizer_type = getattr(megatron_args, "tokenizer_type", None)
+        if tokenizer_type != "GPT2BPETokenizer":
+            raise refuse(
+                f"the run's --tokenizer-type is {tokenizer_type}, not GPT2BPETokenizer",
+                "set export_hf=null; the exported folder holds a GPT-2 BPE tokenizer",
+            )
+        for flag, value in (("--vocab-file", megatron_args.vocab_file), ("--merge-file", megatron_args.merge_file)):
+            if not value or not Path(value).is_file():
+                raise refuse(f"the run's {flag} {value!r} is not a file", f"pass {flag}, or set export_hf=null")
+        save = getattr(megatron_args, "save", None)
+        if save and Path(folder).resolve() == Path(save).resolve():
+            raise refuse(
+                "it is the run's --save folder, whose iter_NNNNNNN folders are the checkpoints",
+                "name a folder of its own, e.g. export_hf=<--save>/hf",
+            )
+        return cls(Path(folder).resolve(), megatron_args.vocab_file, megatron_args.merge_file)
+
+    def write(self, gpt: Any, iteration: int) -> Path:
+        """The model and tokenizer folder of `gpt`'s weights saved at `iteration`. Written under a
+        temporary name and renamed, so a folder that exists is complete."""
+        import shutil
+
+        out = self.folder / f"iter_{iteration:07d}"
+        if out.exists() and not (out / "config.json").is_file():
+            raise FileExistsError(f"{out} exists and is not a Hugging Face model folder; it is left as it is")
+        partial = out.with_name(f".{out.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        tokenizer = gpt2_tokenizer(self.vocab_file, self.merge_file)
+        to_hf_gpt2(gpt, vocab_size=len(tokenizer), end_of_text=tokenizer.eos_token_id).save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(out, ignore_errors=True)  # a job restarted from an earlier checkpoint saves it again
+        partial.rename(out)
+        return out
 
 
 def export_checkpoint(

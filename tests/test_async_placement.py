@@ -16,6 +16,7 @@ from training_runs import (
     BENCHMARKS,
     HOOKED_BENCHMARKS,
     LiveTraining,
+    assert_exports_equal_the_checkpoints,
     backfill,
     data_with_a_broken_benchmark,
     ok,
@@ -48,6 +49,7 @@ def async_hooked(demo_data, tmp_path_factory):
     data_dir = data_with_a_broken_benchmark(demo_data, tmp_path_factory.mktemp("data"))
     tmp = tmp_path_factory.mktemp("async-hooked")
     hook = [HOOKED_BENCHMARKS, f"data_dir={data_dir}", "schedule.every=3", "placement=async", "pending_policy=all"]
+    hook.append(f"export_hf={tmp / 'hf'}")
     return tmp, ok(train(tmp, demo_data, iterations=7, save_interval=3, hook=hook))
 
 
@@ -59,6 +61,11 @@ def test_async_scores_equal_the_sync_placements_for_the_same_checkpoints(async_h
     assert async_scores == scores(sync_tmp / "eval" / "ledger.sqlite")
     assert statuses(tmp / "eval" / "ledger.sqlite") == statuses(sync_tmp / "eval" / "ledger.sqlite")
     assert {r["placement"] for r in ledger_rows(tmp)} == {"async"}
+
+
+def test_each_evaluated_snapshot_is_exported_as_the_checkpoint_saved_with_it(async_hooked, tmp_path):
+    tmp, _ = async_hooked
+    assert_exports_equal_the_checkpoints(tmp, [3, 6, 7], tmp_path)
 
 
 def test_training_loss_is_identical_with_and_without_async_evaluation(async_hooked, demo_data, tmp_path):

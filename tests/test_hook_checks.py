@@ -109,3 +109,40 @@ def test_training_state_comes_back_after_an_evaluation_that_used_every_rng(gpt):
     seed_everything()
     assert after_evaluation == draws()
     assert gpt.training
+
+
+def gpt2_args(tmp_path, **changes) -> SimpleNamespace:
+    """A GPT-2 run's arguments, as far as `export_hf` reads them."""
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("")
+    model = dict(
+        position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False, squared_relu=False,
+        group_query_attention=False, num_query_groups=None, num_attention_heads=4, add_bias_linear=True,
+        num_layers=2, layernorm_epsilon=1e-5, bias_gelu_fusion=False, untie_embeddings_and_output_weights=False,
+        tokenizer_type="GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"),
+        merge_file=str(tmp_path / "merges.txt"),
+    )  # fmt: skip
+    return megatron_args(**{**model, "save": str(tmp_path / "run"), **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"swiglu": True}, "not a GPT-2 model: the MLP is not a plain GELU MLP"),
+        ({"position_embedding_type": "rope"}, "position embeddings are 'rope'"),
+        ({"tokenizer_type": "HuggingFaceTokenizer"}, "--tokenizer-type is HuggingFaceTokenizer"),
+        ({"merge_file": None}, "--merge-file None is not a file"),
+        ({"save": "SAVE"}, "it is the run's --save folder"),
+    ],
+)
+def test_export_hf_that_cannot_be_written_is_refused_before_training(tmp_path, demo_data, changes, message):
+    if changes.get("save") == "SAVE":
+        changes["save"] = str(tmp_path / "hf")
+    config = EvalHookConfig(
+        benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), output_dir=str(tmp_path), export_hf=str(tmp_path / "hf")
+    )
+    config.wandb.enabled = False
+    with pytest.raises(ConfigError, match="export_hf=") as refused:
+        EvalHook(config, gpt2_args(tmp_path, **changes))
+    assert message in str(refused.value) and "Fix:" in str(refused.value)
+    EvalHook(config, gpt2_args(tmp_path))  # the same config on a GPT-2 run is accepted

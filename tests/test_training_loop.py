@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training_runs import FACTS, REPO, ok, train
+from training_runs import FACTS, REPO, assert_exports_equal_the_checkpoints, ok, train
 from wandb_offline import read_run, run_files, series
 
 from megatron_eval_hook.ledger import Ledger
@@ -141,6 +141,12 @@ def test_an_exported_checkpoint_scores_prompts_as_the_hook_did(hooked, tmp_path)
         read = len(tokenizer(f" {answer}")["input_ids"])  # the answer's tokens: all HELM reads, all the hook computes
         hooked_logprobs = [t["logprob"] for t in hook_tokens]
         assert torch.allclose(torch.tensor(exported[-read:]), torch.tensor(hooked_logprobs[-read:]), atol=1e-4)
+
+
+def test_each_evaluated_save_is_exported_from_memory_as_its_checkpoint(hooked, tmp_path):
+    tmp, result = hooked
+    assert_exports_equal_the_checkpoints(tmp, [3, 6, 7], tmp_path)
+    assert f"iteration 3: weights written to {tmp / 'hf' / 'iter_0000003'}" in result.stdout + result.stderr
 
 
 def test_a_job_restarted_from_its_checkpoint_logs_into_the_same_wandb_run(hooked, demo_data, tmp_path):

@@ -138,8 +138,33 @@ HOOKED_BENCHMARKS = f"benchmarks=[boolq,'{FACTS}','broken=mmlu:subject=empty']"
 
 def hooked_run(demo_data, tmp: Path, data_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     """7 iterations saving every 3, the hook evaluating every save (3, 6 and 7, the last)."""
-    hook = [HOOKED_BENCHMARKS, f"data_dir={data_dir}", "schedule.every=3"]
+    hook = [HOOKED_BENCHMARKS, f"data_dir={data_dir}", "schedule.every=3", f"export_hf={tmp / 'hf'}"]
     return tmp, ok(train(tmp, demo_data, iterations=7, save_interval=3, hook=hook))
+
+
+def exported_weights(folder: Path) -> dict:
+    """The tensors of a Hugging Face model folder."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def assert_exports_equal_the_checkpoints(tmp: Path, iterations: Sequence[int], out: Path) -> None:
+    """The hook's `export_hf` folders hold, tensor for tensor, what `export-hf --checkpoint` writes for the
+    checkpoint saved at the same iteration: the in-memory weights it evaluated are the saved ones."""
+    import torch
+
+    from megatron_eval_hook.export import export_checkpoint
+
+    assert sorted(p.name for p in (tmp / "hf").iterdir()) == [f"iter_{i:07d}" for i in iterations]
+    for iteration in iterations:
+        name = f"iter_{iteration:07d}"
+        from_checkpoint = exported_weights(export_checkpoint(tmp / "checkpoints" / name, out / name))
+        from_memory = exported_weights(tmp / "hf" / name)
+        assert from_memory.keys() == from_checkpoint.keys()
+        for key, tensor in from_checkpoint.items():
+            assert torch.equal(from_memory[key], tensor), (name, key)
+        assert (tmp / "hf" / name / "tokenizer.json").read_text() == (out / name / "tokenizer.json").read_text()
 
 
 BENCHMARKS = f"benchmarks=[boolq,'{FACTS}']"

@@ -58,6 +58,7 @@ class SyncPlacement:
             placement=self.name,
             sinks=training_sinks(config, run=run, output_dir=output_dir, megatron_args=megatron_args),
             where=f"--eval-hook-config {config_path}",
+            megatron_args=megatron_args,
         )
 
     def evaluate(self, event: Any, model: Any) -> None:

@@ -100,6 +100,7 @@ def serve(connection: Connection, device: str) -> None:
             placement="async",
             sinks=[ParentSink(connection)],
             where=init["where"],
+            megatron_args=init["megatron_args"],
         )
         model = CheckpointModel(init["megatron_args"], Path(init["where"]))
     except Exception as error:
