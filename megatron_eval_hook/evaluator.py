@@ -128,8 +128,11 @@ class Evaluator:
             )
             in_process = InProcessModel(engine, MegatronTokenizer(tokenizer))
             register_model(self.model_key, in_process)
-            for prepared, outcome, seconds in self.suite.evaluate(in_process, iteration, only=only):
-                self._close(prepared, outcome, seconds)
+            try:
+                for prepared, outcome, seconds in self.suite.evaluate(in_process, iteration, only=only):
+                    self._close(prepared, outcome, seconds)
+            finally:
+                engine.release()
         except BaseException as error:
             reason = (
                 "interrupted: the evaluation was stopped (Ctrl-C) before this benchmark finished"

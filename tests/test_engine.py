@@ -175,6 +175,25 @@ def test_on_cpu_every_linear_layer_runs_through_onednn(gpt, char_tokenizer, fast
     assert sorted(shapes) == sorted(tuple(w.shape) for w in weights)
 
 
+def test_weights_changed_between_calls_are_used(gpt, char_tokenizer):
+    vocab = char_tokenizer.vocab_size
+    subject = engine(gpt, vocab)
+    before = subject.score(SEQUENCES)
+    qkv = gpt.decoder.layers[0].self_attention.linear_qkv.weight
+    original = qkv.detach().clone()
+    try:
+        with torch.no_grad():
+            qkv.mul_(1.5)  # in place, as an optimizer step or a snapshot load writes weights
+        changed = subject.score(SEQUENCES)
+        assert changed == engine(gpt, vocab).score(SEQUENCES) != before
+    finally:
+        with torch.no_grad():
+            qkv.copy_(original)
+    assert subject.score(SEQUENCES) == before
+    subject.release()
+    assert subject.score(SEQUENCES) == before
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["cached", "plain"])
 def test_padded_vocabulary_rows_are_never_predicted(gpt, char_tokenizer, fast):
     vocab = char_tokenizer.vocab_size
