@@ -514,16 +514,17 @@ class Clock:
 
 def matmul_peak(clock: Clock, device: str, size: int, repeats: int = 3) -> tuple[float, dict[str, float]]:
     """FLOP/s of the best of `repeats` square fp32 matmuls of `size` on `device`, by every kernel at hand:
-    PyTorch's matmul (MKL on CPU) and, on CPU, oneDNN's, which the engine uses. Returns the fastest and
-    each kernel's rate."""
+    PyTorch's matmul (MKL on CPU) and, on CPU, oneDNN's, with the weight as it is and reordered into
+    oneDNN's blocked layout as the engine keeps it. Returns the fastest and each kernel's rate."""
     from megatron_eval_hook.engine import onednn_linear
 
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
-    linear = onednn_linear() if device == "cpu" else None
-    if linear is not None:
-        kernels["oneDNN"] = lambda: linear(a, b)  # a @ b^T: the same work
+    if device == "cpu":
+        for name, linear in (("oneDNN", onednn_linear(pack=False)), ("oneDNN reordered", onednn_linear())):
+            if linear is not None:
+                kernels[name] = lambda linear=linear: linear(a, b)  # a @ b^T: the same work
     rates = {}
     for name, kernel in kernels.items():
         clock.time(kernel)
