@@ -99,9 +99,13 @@ class InProcessModel:
         self.engine = engine
         self.tokenizer = tokenizer
         self._answers: dict[tuple, RequestResult] = {}
+        self._pieces: dict[int, str] = {}  # token -> its text: every answer token of every request is named
 
     def piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.tokenizer.decode([token])
+        return text
 
     def prefetch(self, states: Sequence[RequestState], adapter_method: str | None = None) -> None:
         """Answer the requests of a HELM run in batches (identical requests once); keep the answers for HELM.
