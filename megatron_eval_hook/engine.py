@@ -64,7 +64,10 @@ STEP_POSITIONS = 32
 # L3: ~430 GFLOP/s per layer at 512-2048 positions, ~380 at 4096).
 CPU_PASS_POSITIONS = 2048
 
-LOGSUMEXP_ROWS = 64  # logits rows normalized together (64 x 50k float32 vocabulary: 12 MiB)
+# The output layer runs on at most this many bytes of float32 logits at a time, each slice normalized and
+# read at once: on CPU, while they are in the last-level cache (GPT-2's 50k vocabulary: 125 rows, 24 MiB;
+# a [2048, 50k] block at once is 400 MiB, written and read back from memory); on GPU it bounds the memory.
+OUTPUT_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
 
 
 class RequestTooLong(ValueError):
@@ -408,6 +411,7 @@ class Engine:
         self.pass_positions = batch_size * row_tokens
         if self.device.type == "cpu":
             self.pass_positions = min(self.pass_positions, CPU_PASS_POSITIONS)
+        self.output_rows = max(1, OUTPUT_BYTES.get(self.device.type, 1 << 30) // (4 * vocab_size))
 
     def release(self) -> None:
         """Free what the engine keeps between calls (on CPU, the reordered linear weights)."""
@@ -417,8 +421,10 @@ class Engine:
     # -- forward passes ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def _forward(self, tokens, positions, masked, rows, columns) -> torch.Tensor:
-        """Logits over the real vocabulary at (rows[i], columns[i]) only: [n] x [n] -> [n, vocab].
+    def _forward(self, tokens, positions, masked, rows, columns, read) -> tuple[torch.Tensor, ...]:
+        """What `read` takes from the log-probabilities over the real vocabulary at (rows[i], columns[i])
+        only: `read(logprobs [m, vocab], first)` is called on slices of `output_rows` positions (`first`:
+        the slice's first i) and returns a tuple of tensors of m rows each, concatenated over the slices.
 
         `masked` [b, 1, sq, sk] is True where a query must not attend (Megatron's attention); None under
         `FastAttention`, which takes its masks from the engine.
@@ -426,8 +432,14 @@ class Engine:
 
         def project(*, hidden_states, output_layer, output_weight, scale_logits, **_):
             picked = hidden_states[columns, rows].unsqueeze(1)  # hidden_states is [s, b, h]
-            logits, _ = output_layer(picked, weight=output_weight, runtime_gather_output=True)
-            return scale_logits(logits)[:, 0, : self.vocab_size].float()
+            parts = []
+            for first in range(0, picked.shape[0], self.output_rows):
+                logits, _ = output_layer(
+                    picked[first : first + self.output_rows], weight=output_weight, runtime_gather_output=True
+                )
+                logits = scale_logits(logits)[:, 0, : self.vocab_size].float()
+                parts.append(read(torch.log_softmax(logits, dim=-1), first))
+            return tuple(torch.cat(values) for values in zip(*parts))
 
         return self.model(tokens, positions, masked, runtime_gather_output=True, output_processor=project)
 
@@ -509,13 +521,21 @@ class Engine:
                 by_key.update(zip(distinct, run(distinct, wanted)))
         return [list(by_key[tuple(s)]) for s in sequences]
 
-    def _finish_scores(self, sequences, picks, logits) -> list[list[float]]:
-        """Gather log p(target) at the picked logits; `picks` is (sequence, token index, logits row)."""
-        # in slices of rows that stay in cache: one pass over all logits at once runs at memory speed
-        lse = torch.cat([torch.logsumexp(part, dim=-1) for part in logits.split(LOGSUMEXP_ROWS)])
-        index = self._tensor([p[2] for p in picks])
-        targets = self._tensor([sequences[p[0]][p[1]] for p in picks])
-        values = (logits[index, targets] - lse[index]).cpu().tolist()
+    def _scores(self, sequences, picks, count: int, forward: Callable) -> list[list[float]]:
+        """log p(token i of sequence k) for each pick (k, i, r), read from row r of the `count` rows of
+        log-probabilities `forward(read)` computes (`_forward`'s `read`); 0.0 at the tokens not picked.
+        Several picks may read one row: the answers of a question all start after its last token."""
+        slots = [0] * count  # picks of each row so far
+        where = []  # each pick's (row, slot)
+        for _, _, r in picks:
+            where.append((r, slots[r]))
+            slots[r] += 1
+        targets = torch.zeros(count, max(slots, default=1), dtype=torch.long)
+        for (k, i, _), (r, slot) in zip(picks, where):
+            targets[r, slot] = sequences[k][i]
+        targets = targets.to(self.device)
+        (values,) = forward(lambda logprobs, first: (logprobs.gather(1, targets[first : first + len(logprobs)]),))
+        values = values[self._tensor([r for r, _ in where]), self._tensor([s for _, s in where])].cpu().tolist()
         results = [[0.0] * len(s) for s in sequences]
         for (k, i, _), value in zip(picks, values):
             results[k][i] = value
@@ -533,14 +553,15 @@ class Engine:
                     picks.append((row, i, len(rows)))
                     rows.append(row)
                     columns.append(i - 1)  # the logits at position i-1 predict token i
-            logits = self._forward(
+            forward = functools.partial(
+                self._forward,
                 self._padded([sequences[k] for k in batch], width),
                 self._tensor(range(width)).unsqueeze(0).expand(len(batch), width),
                 self._causal(width),
                 self._tensor(rows),
                 self._tensor(columns),
             )
-            scores = self._finish_scores([sequences[k] for k in batch], picks, logits)
+            scores = self._scores([sequences[k] for k in batch], picks, len(rows), forward)
             for row, k in enumerate(batch):
                 results[k] = scores[row]
         return results
@@ -573,11 +594,13 @@ class Engine:
             rows.append(row)
         return sorted(rows, key=lambda r: -len(r.tokens))
 
-    def _packed_forward(self, layers: list[FastAttention], rows: Sequence[_PackedRow], picks, first_position=0):
-        """One forward pass over prefix trees laid one after the other, with no padding. Logits at `picks`
-        [(row, node)]. The trees follow `first_position` positions every node sees (the layers' trunk);
-        their position ids start there. Returns the logits and the offset of each row's first node in the
-        pass."""
+    def _packed_forward(
+        self, layers: list[FastAttention], rows: Sequence[_PackedRow], picks, read=None, first_position=0
+    ):
+        """One forward pass over prefix trees laid one after the other, with no padding: what `read` takes
+        (see `_forward`) from the log-probabilities at `picks` [(row, node)]. The trees follow
+        `first_position` positions every node sees (the layers' trunk); their position ids start there.
+        Returns that and the offset of each row's first node in the pass."""
         offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
         masks = []
         for first, row in zip(offsets, rows):
@@ -585,16 +608,17 @@ class Engine:
             masks.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
         for layer in layers:
             layer.rows = masks
-        logits = self._forward(
+        read_picks = self._forward(
             self._tensor([t for row in rows for t in row.tokens]).unsqueeze(0),
             self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0),
             None,
             self._tensor([0] * len(picks)),
             self._tensor([offsets[r] + node for r, node in picks]),
+            read,
         )
         for layer in layers:
             layer.rows = None
-        return logits, offsets
+        return read_picks, offsets
 
     def _work(self, sizes: list[int], trunk: int) -> float:
         """Estimated cost of forward passes over trees of these sizes, in units of one attention key: per
@@ -635,8 +659,10 @@ class Engine:
                         for i in wanted[k]:
                             node = path[i - 1]  # the logits after token i-1 predict token i
                             picks.append((local, i, picked.setdefault((r, node), len(picked))))
-                logits, _ = self._packed_forward(layers, batch, list(picked))
-                scores = self._finish_scores([sequences[k] for k in members], picks, logits)
+                forward = functools.partial(self._packed_forward, layers, batch, list(picked))
+                scores = self._scores(
+                    [sequences[k] for k in members], picks, len(picked), lambda read, forward=forward: forward(read)[0]
+                )
                 for local, k in enumerate(members):
                     results[k] = scores[local]
         return results
@@ -703,14 +729,15 @@ class Engine:
         while state.live:
             live = state.live
             width = max(len(tokens[i]) for i in live)
-            logits = self._forward(
+            best = self._forward(
                 self._padded([tokens[i] for i in live], width),
                 self._tensor(range(width)).unsqueeze(0).expand(len(live), width),
                 self._causal(width),
                 self._tensor(range(len(live))),
                 self._tensor([len(tokens[i]) - 1 for i in live]),
+                _most_likely,
             )
-            for i, token in zip(live, state.step(live, logits)):
+            for i, token in zip(live, state.step(live, *best)):
                 if token is not None:
                     tokens[i].append(token)
         return state.results()
@@ -750,14 +777,15 @@ class Engine:
                 for layer in layers:
                     layer.padding, layer.column = padding, width + step
                 row_of = {k: i for i, k in enumerate(kept)}
-                logits = self._forward(
+                best = self._forward(
                     self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
                     self._tensor([len(prompts[k]) + step if k in taken else 0 for k in kept]).unsqueeze(1),
                     None,
                     self._tensor([row_of[k] for k in live]),
                     self._tensor([0] * len(live)),
+                    _most_likely,
                 )
-                taken = {k: t for k, t in zip(live, state.step(live, logits)) if t is not None}
+                taken = {k: t for k, t in zip(live, state.step(live, *best)) if t is not None}
         return state.results()
 
     def _set_trunk(self, layers: list[FastAttention], tokens: list[int], last: _Trunk) -> None:
@@ -775,7 +803,7 @@ class Engine:
             chain.add(token, len(chain.tokens) - 1)
         for layer in layers:
             layer.keep = True
-        self._packed_forward(layers, [chain], [], first_position=reused)  # the logits are not used
+        self._packed_forward(layers, [chain], [], first_position=reused)  # keys and values only
         for layer in layers:
             computed = [t.transpose(0, 1) for t in layer.fresh]
             if layer.trunk is not None:
@@ -798,9 +826,10 @@ class Engine:
             layer.keep = True
         for batch in self._batches(rows):
             members = [(r, k) for r, row in enumerate(batch) for k in row.paths]
-            out, offsets = self._packed_forward(layers, batch, [(r, batch[r].paths[k][-1]) for r, k in members], trunk)
+            last_nodes = [(r, batch[r].paths[k][-1]) for r, k in members]
+            best, offsets = self._packed_forward(layers, batch, last_nodes, _most_likely, trunk)
             live = [i for i, (_, k) in enumerate(members) if state.reasons[k] is None]
-            chosen = state.step([members[i][1] for i in live], out[self._tensor(live)])
+            chosen = state.step([members[i][1] for i in live], *(t[self._tensor(live)] for t in best))
             taken.update((members[i][1], t) for i, t in zip(live, chosen) if t is not None)
             sources, target_rows, target_positions = [], [], []
             for r, k in members:
@@ -828,6 +857,11 @@ class Engine:
         return taken
 
 
+def _most_likely(logprobs: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_forward`'s `read` for greedy decoding: each row's largest log-probability and its token."""
+    return logprobs.max(dim=-1)
+
+
 class _Greedy:
     """Greedy choice, stop checks and results for a batch of generation requests."""
 
@@ -843,18 +877,19 @@ class _Greedy:
     def live(self) -> list[int]:
         return [i for i, reason in enumerate(self.reasons) if reason is None]
 
-    def step(self, live: list[int], logits: torch.Tensor) -> list[int | None]:
-        """Take each live request's next token from its logits row; None where it ended instead."""
-        best_logprob, best = torch.log_softmax(logits, dim=-1).max(dim=-1)
+    def step(self, live: list[int], best_logprob: torch.Tensor, best: torch.Tensor) -> list[int | None]:
+        """Take each live request's next token (`best`, log-probability `best_logprob`, one row per live
+        request); None where it ended instead."""
+        best_logprob, best = best_logprob.tolist(), best.tolist()
         taken: list[int | None] = []
         for row, i in enumerate(live):
-            token = int(best[row])
+            token = best[row]
             if token == self.end_of_text:  # ends the text; not part of it
                 self.reasons[i] = END_OF_TEXT
                 taken.append(None)
                 continue
             self.tokens[i].append(token)
-            self.logprobs[i].append(float(best_logprob[row]))
+            self.logprobs[i].append(best_logprob[row])
             taken.append(token)
             request = self.requests[i]
             if request.is_done is not None and request.is_done(self.tokens[i]):

@@ -175,6 +175,24 @@ def test_on_cpu_every_linear_layer_runs_through_onednn(gpt, char_tokenizer, fast
     assert sorted(shapes) == sorted(tuple(w.shape) for w in weights)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
+def test_the_output_layer_in_slices_of_rows_gives_the_same_results(model, char_tokenizer, fast):
+    vocab = char_tokenizer.vocab_size
+    whole = engine(model, vocab, fast, batch_size=8)
+    assert whole.output_rows > 100  # a tiny vocabulary: every pass's rows at once
+    requests = [GenerationRequest([i + 1, (7 * i) % 60 + 1, 3], 4) for i in range(6)]
+    expected_scores, expected_generations = whole.score(SEQUENCES), whole.generate(requests)
+    for rows in (1, 3):
+        sliced = engine(model, vocab, fast, batch_size=8)
+        sliced.output_rows = rows  # the answers of one question land in different slices
+        for got, expected in zip(sliced.score(SEQUENCES), expected_scores):
+            assert got == pytest.approx(expected, abs=1e-5)
+        generations = sliced.generate(requests)
+        assert [g.tokens for g in generations] == [g.tokens for g in expected_generations]
+        for got, expected in zip(generations, expected_generations):
+            assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
+
+
 def test_weights_changed_between_calls_are_used(gpt, char_tokenizer):
     vocab = char_tokenizer.vocab_size
     subject = engine(gpt, vocab)
