@@ -184,11 +184,12 @@ class FastAttention(torch.nn.Module):
       first position and which keys each of its nodes sees: every position of `trunk` when one is
       set, then itself and its ancestors. Attention runs tree by tree. With `keep`, the call's keys
       and values stay in `fresh` for the engine to cache.
-    - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. A cache row
-      holds the request's prompt part (after the trunk), padded to a common width, then its
-      generated tokens: every row writes its new key and value at the same `column`, and attends
-      to the trunk and to its row up to there, except the padding. The engine advances `column`
-      between steps.
+    - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. The cache holds
+      each request's prompt part (after the trunk), padded to a common width, and apart from it its
+      generated tokens: every row writes its new key and value at the same `step`, and attends to
+      the trunk, its prompt part except the padding, and its generated tokens up to there. The
+      engine advances `step` between steps. (Apart, the prompt parts are read whole, as one block
+      of memory, at every step: 1.15-1.4x faster than a slice of a row holding both.)
     """
 
     def __init__(self, scale: float):
@@ -198,9 +199,10 @@ class FastAttention(torch.nn.Module):
         self.keep = False
         self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, t + n] True: sees
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [positions, groups, d]
-        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [rows, groups, capacity, d]
-        self.padding: torch.Tensor | None = None  # [rows, 1, 1, capacity] True where a row has no key
-        self.column = 0
+        # prompt keys, values [rows, groups, width, d]; generated keys, values [rows, groups, steps, d]
+        self.cache: tuple[torch.Tensor, ...] | None = None
+        self.padding: torch.Tensor | None = None  # [rows, 1, 1, width] True where a prompt part has no key
+        self.step = 0
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
         if attention_bias is not None:
@@ -228,28 +230,30 @@ class FastAttention(torch.nn.Module):
     def _decode(self, query, key, value):
         """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
         a matmul of its own and the two parts share one softmax (scores in float32, as eager attention)."""
-        keys, values = self.cache
-        rows, groups, _, dim = keys.shape
+        prompt_keys, prompt_values, new_keys, new_values = self.cache
+        rows, groups, width, dim = prompt_keys.shape
         heads = query.shape[2]
-        span = self.column + 1
-        keys[:, :, self.column] = key[0]
-        values[:, :, self.column] = value[0]
-        keys, values = keys[:, :, :span], values[:, :, :span]
+        new_keys[:, :, self.step] = key[0]
+        new_values[:, :, self.step] = value[0]
+        new_keys, new_values = new_keys[:, :, : self.step + 1], new_values[:, :, : self.step + 1]
         # the scale is applied to the query: exact when it is a power of two (1/8 for 64-wide heads)
         query = (query[0] * self.scale).reshape(rows, groups, heads // groups, dim)
-        # [rows, groups, heads/groups, span] as keys x query: the sums of query x keys^T, faster batched
-        scores = torch.matmul(keys, query.transpose(-1, -2)).transpose(-1, -2).float()
-        scores.masked_fill_(self.padding[..., :span], -math.inf)
+        # [rows, groups, heads/groups, keys] as keys x query: the sums of query x keys^T, faster batched
+        by_key = query.transpose(-1, -2)
+        prompt_scores = torch.matmul(prompt_keys, by_key).transpose(-1, -2).float()
+        parts = [prompt_scores.masked_fill_(self.padding, -math.inf), torch.matmul(new_keys, by_key).transpose(-1, -2)]
         shared = 0
         if self.trunk is not None:
             trunk_keys, trunk_values = self.trunk
             shared = trunk_keys.shape[1]
             by_group = query.permute(1, 0, 2, 3).reshape(groups, -1, dim)  # [groups, rows * heads/groups, d]
-            trunk_scores = torch.matmul(by_group, trunk_keys.transpose(-1, -2)).float()
-            trunk_scores = trunk_scores.view(groups, rows, -1, shared).permute(1, 0, 2, 3)
-            scores = torch.cat([trunk_scores, scores], dim=-1)
-        weights = torch.softmax(scores, dim=-1).to(values.dtype)
-        out = torch.matmul(weights[..., shared:], values)  # [rows, groups, heads/groups, d]
+            trunk_scores = torch.matmul(by_group, trunk_keys.transpose(-1, -2))
+            parts.insert(0, trunk_scores.view(groups, rows, -1, shared).permute(1, 0, 2, 3))
+        scores = torch.cat([part.float() for part in parts], dim=-1)
+        weights = torch.softmax(scores, dim=-1).to(prompt_values.dtype)
+        prompt_end = shared + width
+        out = torch.matmul(weights[..., shared:prompt_end], prompt_values)  # [rows, groups, heads/groups, d]
+        out += torch.matmul(weights[..., prompt_end:], new_values)
         if shared:
             by_group = weights[..., :shared].permute(1, 0, 2, 3).reshape(groups, -1, shared)
             out += torch.matmul(by_group, trunk_values).view(groups, rows, -1, dim).permute(1, 0, 2, 3)
@@ -761,9 +765,9 @@ class Engine:
                 self._set_trunk(layers, prompts[0][:trunk], last_trunk)
             steps = max(r.max_new_tokens for r in requests)
             width = max(len(p) for p in own)
-            taken = self._prefill(own, trunk, width + steps, layers, state)
-            columns, lengths = torch.arange(width + steps), torch.tensor([len(p) for p in own]).unsqueeze(1)
-            padding = ((columns < width) & (columns >= lengths)).view(len(own), 1, 1, -1).to(self.device)
+            taken = self._prefill(own, trunk, steps, layers, state)
+            lengths = torch.tensor([len(p) for p in own]).unsqueeze(1)
+            padding = (torch.arange(width) >= lengths).view(len(own), 1, 1, width).to(self.device)
             kept = list(range(len(prompts)))  # cache row i holds request kept[i]
             for step in range(steps):
                 live = state.live
@@ -775,7 +779,7 @@ class Engine:
                         layer.cache = tuple(t.index_select(0, rows) for t in layer.cache)
                     padding, kept = padding.index_select(0, rows), live
                 for layer in layers:
-                    layer.padding, layer.column = padding, width + step
+                    layer.padding, layer.step = padding, step
                 row_of = {k: i for i, k in enumerate(kept)}
                 best = self._forward(
                     self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
@@ -813,12 +817,12 @@ class Engine:
         last.tokens, last.layers = list(tokens), [layer.trunk for layer in layers]
 
     def _prefill(
-        self, own: list[list[int]], trunk: int, capacity: int, layers: list[FastAttention], state: _Greedy
+        self, own: list[list[int]], trunk: int, steps: int, layers: list[FastAttention], state: _Greedy
     ) -> dict[int, int]:
         """Computes each prompt's part after the trunk, packed into prefix trees (`_batches` of rows),
-        and leaves its keys and values at the start of the request's cache row (one row per request, of
-        `capacity` positions: the longest prompt part, then the generated tokens). Takes each request's
-        first token: returns request -> token, for the requests that go on."""
+        and leaves its keys and values in the request's row of the prompts' cache (as wide as the longest
+        part), next to a cache of `steps` generated tokens per request. Takes each request's first token:
+        returns request -> token, for the requests that go on."""
         rows = self._pack(own, trunk)
         width = max(len(p) for p in own)
         taken: dict[int, int] = {}
@@ -845,12 +849,13 @@ class Engine:
                     _, groups, dim = fresh[0].shape
                     keys, values = fresh
                     layer.cache = (
-                        keys.new_empty(len(own), groups, capacity, dim),
-                        values.new_empty(len(own), groups, capacity, dim),
+                        keys.new_empty(len(own), groups, width, dim),
+                        # the padding's keys are masked out; its values get a zero weight, so must be finite
+                        values.new_zeros(len(own), groups, width, dim),
+                        keys.new_empty(len(own), groups, steps, dim),
+                        values.new_empty(len(own), groups, steps, dim),
                     )
-                    # the padding's keys are masked out; its values get a zero weight, so must be finite
-                    layer.cache[1][:, :, :width].zero_()
-                for cached, computed in zip(layer.cache, fresh):
+                for cached, computed in zip(layer.cache[:2], fresh):
                     cached[target_rows, :, target_positions] = computed[sources]
         for layer in layers:
             layer.keep = False
