@@ -213,14 +213,21 @@ class FastAttention(torch.nn.Module):
         query, key, value = query[:, 0], key[:, 0], value[:, 0]  # [positions, heads or groups, d]
         if self.keep:
             self.fresh = key, value
+        shared = 0
+        if self.trunk is not None:  # each tree's keys go after the trunk's, copied there once per call
+            shared = self.trunk[0].shape[1]
+            longest = max(allowed.shape[-2] for _, allowed in self.rows)
+            buffers = [part.new_empty(1, part.shape[0], shared + longest, dim) for part in self.trunk]
+            for buffer, part in zip(buffers, self.trunk):
+                buffer[0, :, :shared] = part
         outs = []
         for first, allowed in self.rows:
             length = allowed.shape[-2]
             q, k, v = (t[first : first + length].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-            if self.trunk is not None:
-                trunk_keys, trunk_values = self.trunk
-                k = torch.cat([trunk_keys.unsqueeze(0), k], dim=2)
-                v = torch.cat([trunk_values.unsqueeze(0), v], dim=2)
+            if shared:
+                for buffer, part in zip(buffers, (k, v)):
+                    buffer[:, :, shared : shared + length] = part
+                k, v = (buffer[:, :, : shared + length] for buffer in buffers)
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, scale=self.scale, enable_gqa=k.shape[1] != heads
             )
