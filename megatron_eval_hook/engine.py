@@ -236,7 +236,8 @@ class FastAttention(torch.nn.Module):
 
     def _decode(self, query, key, value):
         """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
-        a matmul of its own and the two parts share one softmax (scores in float32, as eager attention)."""
+        a matmul of their own; the trunk, the prompt parts and the generated tokens share one softmax
+        (scores in float32, as eager attention)."""
         prompt_keys, prompt_values, new_keys, new_values = self.cache
         rows, groups, width, dim = prompt_keys.shape
         heads = query.shape[2]
