@@ -189,7 +189,8 @@ class FastAttention(torch.nn.Module):
       generated tokens: every row writes its new key and value at the same `step`, and attends to
       the trunk, its prompt part except the padding, and its generated tokens up to there. The
       engine advances `step` between steps. (Apart, the prompt parts are read whole, as one block
-      of memory, at every step: 1.15-1.4x faster than a slice of a row holding both.)
+      of memory: the NarrativeQA bench call's decoding matmuls took 4.87 s, 5.48 s as slices of rows
+      holding both.)
     """
 
     def __init__(self, scale: float):
