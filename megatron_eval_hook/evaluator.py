@@ -64,6 +64,8 @@ class Evaluator:
         self._scores: dict[str, float] = {}  # W&B key -> value of the latest evaluation
         self._main: dict[str, float] = {}  # benchmark -> main score of the latest evaluation
         self._duration_s = 0.0
+        self._exported: Path | None = None  # where the latest evaluation's weights were exported
+        self._export_s = 0.0
         self.failed: list[str] = []  # benchmarks that failed in the latest evaluation
         self.export = SnapshotExport.check(config.export_hf, megatron_args, where) if config.export_hf else None
         try:
@@ -101,6 +103,7 @@ class Evaluator:
 
         chosen = [p for p in self.suite.benchmarks if only is None or p.name in only]
         self._scores, self._main, self._duration_s, self.failed = {}, {}, 0.0, []
+        self._exported, self._export_s = None, 0.0
         self._open = {
             prepared.name: self.ledger.begin(
                 self.run,
@@ -149,16 +152,11 @@ class Evaluator:
         """`export_hf`: a failure is logged and the benchmarks still run (their scores matter more)."""
         started = time.perf_counter()
         try:
-            out = self.export.write(gpt, iteration)
+            self._exported = self.export.write(gpt, iteration)
         except Exception as error:
-            logger.warning(
-                "iteration %d: export_hf failed, the benchmarks run anyway: %s: %s",
-                iteration,
-                type(error).__name__,
-                error,
-            )
-            return
-        logger.info("iteration %d: weights written to %s (%.1f s)", iteration, out, time.perf_counter() - started)
+            logger.warning("export_hf of iteration %d failed, the benchmarks run anyway: %s: %s",
+                           iteration, type(error).__name__, error)  # fmt: skip
+        self._export_s = time.perf_counter() - started
 
     def skip(self, iteration: int, tokens: int | None, reason: str) -> None:
         """Record every benchmark of the save at `iteration` as skipped, with `reason`."""
@@ -194,6 +192,8 @@ class Evaluator:
         timing = f"evaluated in {self._duration_s:.1f} s"
         if blocked_s is not None:
             timing += f", training blocked {blocked_s:.1f} s"
+        if self._exported is not None:
+            timing += f", weights in {self._exported} ({self._export_s:.1f} s)"
         logger.info("iteration %d: %s (%s)", iteration, scores or "no scores", timing)
         values = {**self._scores, "eval/duration_s": self._duration_s}
         if blocked_s is not None:
