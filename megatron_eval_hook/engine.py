@@ -67,7 +67,7 @@ CPU_PASS_POSITIONS = 2048
 # The output layer runs on at most this many bytes of float32 logits at a time, each slice normalized and
 # read at once: on CPU, while they are in the last-level cache (GPT-2's 50k vocabulary: 125 rows, 24 MiB;
 # a [2048, 50k] block at once is 400 MiB, written and read back from memory); on GPU it bounds the memory.
-OUTPUT_BYTES = {"cpu": 24 << 20, "cuda": 1 << 30}
+OUTPUT_BYTES_CPU, OUTPUT_BYTES_GPU = 24 << 20, 1 << 30
 
 
 class RequestTooLong(ValueError):
@@ -249,8 +249,8 @@ class FastAttention(torch.nn.Module):
         query = (query[0] * self.scale).reshape(rows, groups, heads // groups, dim)
         # [rows, groups, heads/groups, keys] as keys x query: the sums of query x keys^T, faster batched
         by_key = query.transpose(-1, -2)
-        prompt_scores = torch.matmul(prompt_keys, by_key).transpose(-1, -2).float()
-        parts = [prompt_scores.masked_fill_(self.padding, -math.inf), torch.matmul(new_keys, by_key).transpose(-1, -2)]
+        prompt_scores = torch.matmul(prompt_keys, by_key).transpose(-1, -2).masked_fill_(self.padding, -math.inf)
+        parts = [prompt_scores, torch.matmul(new_keys, by_key).transpose(-1, -2)]
         shared = 0
         if self.trunk is not None:
             trunk_keys, trunk_values = self.trunk
@@ -424,7 +424,8 @@ class Engine:
         self.pass_positions = batch_size * row_tokens
         if self.device.type == "cpu":
             self.pass_positions = min(self.pass_positions, CPU_PASS_POSITIONS)
-        self.output_rows = max(1, OUTPUT_BYTES.get(self.device.type, 1 << 30) // (4 * vocab_size))
+        output_bytes = OUTPUT_BYTES_CPU if self.device.type == "cpu" else OUTPUT_BYTES_GPU
+        self.output_rows = max(1, output_bytes // (4 * vocab_size))
 
     def release(self) -> None:
         """Free what the engine keeps between calls (on CPU, the reordered linear weights)."""
