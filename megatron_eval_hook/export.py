@@ -214,6 +214,19 @@ def gpt2_tokenizer(vocab_file: str | Path, merge_file: str | Path, end_of_text: 
     )
 
 
+def _missing_tokenizer_file(vocab_file: Any, merge_file: Any) -> tuple[str, Any] | None:
+    """(flag, value) of the first of `--vocab-file`, `--merge-file` that is not a file; None when both are."""
+    for flag, value in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+        if not value or not Path(value).is_file():
+            return flag, value
+    return None
+
+
+def _save(model: Any, tokenizer: Any, out: Path) -> None:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 class SnapshotExport:
     """Writes the weights of each evaluated save as a Hugging Face GPT-2 folder, `<folder>/iter_NNNNNNN`.
 
@@ -224,6 +237,7 @@ class SnapshotExport:
     def __init__(self, folder: str | Path, vocab_file: str | Path, merge_file: str | Path):
         self.folder = Path(folder)
         self.vocab_file, self.merge_file = Path(vocab_file), Path(merge_file)
+        self._tokenizer: Any = None  # made at the first export, then kept
 
     @classmethod
     def check(cls, folder: str | Path, megatron_args: Any, where: str) -> SnapshotExport:
@@ -243,9 +257,10 @@ class SnapshotExport:
                 f"the run's --tokenizer-type is {tokenizer_type}, not GPT2BPETokenizer",
                 "set export_hf=null; the exported folder holds a GPT-2 BPE tokenizer",
             )
-        for flag, value in (("--vocab-file", megatron_args.vocab_file), ("--merge-file", megatron_args.merge_file)):
-            if not value or not Path(value).is_file():
-                raise refuse(f"the run's {flag} {value!r} is not a file", f"pass {flag}, or set export_hf=null")
+        missing = _missing_tokenizer_file(megatron_args.vocab_file, megatron_args.merge_file)
+        if missing:
+            flag, value = missing
+            raise refuse(f"the run's {flag} {value!r} is not a file", f"pass {flag}, or set export_hf=null")
         save = getattr(megatron_args, "save", None)
         if save and Path(folder).resolve() == Path(save).resolve():
             raise refuse(
@@ -259,14 +274,17 @@ class SnapshotExport:
         temporary name and renamed, so a folder that exists is complete."""
         import shutil
 
-        out = self.folder / f"iter_{iteration:07d}"
+        from megatron_eval_hook.checkpoints import iteration_folder
+
+        out = iteration_folder(self.folder, iteration)  # named as the checkpoint of the same iteration
         if out.exists() and not (out / "config.json").is_file():
             raise FileExistsError(f"{out} exists and is not a Hugging Face model folder; it is left as it is")
         partial = out.with_name(f".{out.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
-        tokenizer = gpt2_tokenizer(self.vocab_file, self.merge_file)
-        to_hf_gpt2(gpt, vocab_size=len(tokenizer), end_of_text=tokenizer.eos_token_id).save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        if self._tokenizer is None:
+            self._tokenizer = gpt2_tokenizer(self.vocab_file, self.merge_file)
+        tokenizer = self._tokenizer
+        _save(to_hf_gpt2(gpt, vocab_size=len(tokenizer), end_of_text=tokenizer.eos_token_id), tokenizer, partial)
         shutil.rmtree(out, ignore_errors=True)  # a job restarted from an earlier checkpoint saves it again
         partial.rename(out)
         return out
@@ -284,14 +302,11 @@ def export_checkpoint(
     The tokenizer files default to the checkpoint's `--vocab-file`/`--merge-file`."""
     weights, args = read_checkpoint(checkpoint)
     vocab_file, merge_file = vocab_file or args.vocab_file, merge_file or args.merge_file
-    for name, value in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
-        if not value or not Path(value).is_file():
-            raise FileNotFoundError(
-                f"tokenizer file {value!r} ({name} of the checkpoint) not found; pass it with {name}"
-            )
+    missing = _missing_tokenizer_file(vocab_file, merge_file)
+    if missing:
+        name, value = missing
+        raise FileNotFoundError(f"tokenizer file {value!r} ({name} of the checkpoint) not found; pass it with {name}")
     tokenizer = gpt2_tokenizer(vocab_file, merge_file)
-    model = _hf_gpt2(weights, Architecture.of_args(args), len(tokenizer), tokenizer.eos_token_id)
     out = Path(out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(_hf_gpt2(weights, Architecture.of_args(args), len(tokenizer), tokenizer.eos_token_id), tokenizer, out)
     return out
