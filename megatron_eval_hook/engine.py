@@ -134,8 +134,14 @@ class OneDnnLinear:
         self._op, self._reorder = op, reorder
         self._packed: dict[int, tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self._op(input, self._pack(weight), bias, "none", [], "")
+    def __call__(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: str | None = None
+    ) -> torch.Tensor:
+        """input x weight^T + bias; with `gelu` ("erf" or "tanh", its approximation), GELU of that, applied
+        by the kernel as it writes the output instead of as two more passes over it."""
+        if gelu is None:
+            return self._op(input, self._pack(weight), bias, "none", [], "")
+        return self._op(input, self._pack(weight), bias, "gelu", [], "none" if gelu == "erf" else "tanh")
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self._reorder is None:
@@ -459,7 +465,8 @@ class Engine:
 
     @contextmanager
     def _fast_linears(self) -> Iterator[None]:
-        """Run the model's linear layers through `self.linear` (oneDNN on CPU) for the duration of the block."""
+        """Run the model's linear layers through `self.linear` (oneDNN on CPU) for the duration of the block,
+        with a GELU MLP's bias and activation in its first matmul (`_fused_mlp`)."""
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         if self.linear is None:
@@ -467,13 +474,19 @@ class Engine:
             return
         linear = self.linear
         layers = [m for m in self.model.modules() if type(m) in (ColumnParallelLinear, RowParallelLinear)]
-        for layer in layers:  # an instance attribute shadows the class's method; deleting it restores that
+        mlps = [(m, gelu) for m in self.model.modules() if (gelu := _fusable_gelu(m)) is not None]
+        # an instance attribute shadows the class's method; deleting it restores that
+        for layer in layers:
             layer._forward_impl = lambda input, weight, bias=None, **_: linear(input, weight, bias)
+        for mlp, gelu in mlps:
+            mlp.forward = functools.partial(_fused_mlp, mlp, linear, gelu)
         try:
             yield
         finally:
             for layer in layers:
                 del layer._forward_impl
+            for mlp, _ in mlps:
+                del mlp.forward
 
     @contextmanager
     def _fast_attention(self) -> Iterator[list[FastAttention]]:
@@ -870,6 +883,33 @@ class Engine:
         for layer in layers:
             layer.keep = False
         return taken
+
+
+def _fusable_gelu(module: torch.nn.Module) -> str | None:
+    """For a Megatron MLP computing GELU(x W1^T + b1) W2^T: the GELU it uses, "erf" (torch's gelu) or "tanh"
+    (Megatron's bias-GELU fusion, the tanh approximation). None for any other module or MLP (gated, another
+    activation, Transformer Engine's)."""
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.mlp import MLP
+
+    if type(module) is not MLP or type(module.linear_fc1) is not ColumnParallelLinear:
+        return None
+    config = module.config
+    if config.gated_linear_unit or config.use_te_activation_func or module.activation_func is not F.gelu:
+        return None
+    if module.linear_fc1.weight is None:
+        return None
+    return "tanh" if config.bias_activation_fusion else "erf"
+
+
+def _fused_mlp(mlp, linear: OneDnnLinear, gelu: str, hidden_states, per_token_scale=None, **kwargs):
+    """`MLP.forward` with the first linear layer's bias and the GELU applied by its kernel (Megatron adds
+    the bias and applies GELU as two passes over the [positions, 4 x hidden] activations)."""
+    if per_token_scale is not None:
+        return type(mlp).forward(mlp, hidden_states, per_token_scale, **kwargs)
+    fc1 = mlp.linear_fc1
+    return mlp.linear_fc2(linear(hidden_states, fc1.weight, fc1.bias, gelu=gelu))
 
 
 def _most_likely(logprobs: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:

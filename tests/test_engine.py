@@ -159,7 +159,7 @@ def test_the_model_keeps_its_own_attention_and_matmuls_after_a_call(gpt, char_to
     subject.score(SEQUENCES)
     subject.generate([GenerationRequest([5, 6], 3)])
     assert [type(m.self_attention.core_attention) for m in gpt.decoder.layers] == before
-    assert not [name for name, m in gpt.named_modules() if "_forward_impl" in vars(m)]
+    assert not [name for name, m in gpt.named_modules() if {"_forward_impl", "forward"} & set(vars(m))]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
@@ -167,12 +167,40 @@ def test_on_cpu_every_linear_layer_runs_through_onednn(gpt, char_tokenizer, fast
     subject = engine(gpt, char_tokenizer.vocab_size, fast)
     assert subject.linear is not None  # the pinned CPU torch has oneDNN
     inner, shapes = subject.linear, []
-    subject.linear = lambda input, weight, bias=None: shapes.append(tuple(weight.shape)) or inner(input, weight, bias)
+
+    def linear(input, weight, bias=None, gelu=None):
+        shapes.append((tuple(weight.shape), gelu))
+        return inner(input, weight, bias, gelu=gelu)
+
+    subject.linear = linear
     subject.score([[5, 6, 7]])
     linears = [m for m in gpt.modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
     weights = [gpt.shared_embedding_or_output_weight() if m.weight is None else m.weight for m in linears]
-    # every layer's four matmuls (qkv, attention out, mlp in, mlp out) and the output layer, once each
-    assert sorted(shapes) == sorted(tuple(w.shape) for w in weights)
+    # every layer's four matmuls (qkv, attention out, mlp in, mlp out) and the output layer, once each; the
+    # MLP's first with its bias and GELU
+    assert sorted(shape for shape, _ in shapes) == sorted(tuple(w.shape) for w in weights)
+    fc1 = [tuple(layer.mlp.linear_fc1.weight.shape) for layer in gpt.decoder.layers]
+    assert sorted(shape for shape, gelu in shapes if gelu == "erf") == sorted(fc1)
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["gelu", "bias-gelu-fusion"])
+def test_a_gelu_mlp_gives_the_same_output_with_bias_and_activation_in_its_matmul(
+    megatron_world, char_tokenizer, fusion
+):
+    # Megatron's bias-GELU fusion computes the tanh approximation, torch's gelu the exact one: each is kept
+    model = tiny_gpt(char_tokenizer.vocab_size, init_method_std=0.5, bias_activation_fusion=fusion)
+    torch.nn.init.normal_(model.decoder.layers[0].mlp.linear_fc1.bias, std=0.5)
+    mlp = model.decoder.layers[0].mlp
+    hidden = torch.randn(7, 2, 32) * 3
+    with torch.no_grad():
+        expected, expected_bias = mlp(hidden)
+        subject = engine(model, char_tokenizer.vocab_size)
+        with subject._fast_linears():
+            assert "forward" in vars(mlp)
+            got, got_bias = mlp(hidden)
+    assert "forward" not in vars(mlp)
+    assert torch.equal(got_bias, expected_bias)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])
