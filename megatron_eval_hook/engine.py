@@ -139,9 +139,9 @@ class OneDnnLinear:
     ) -> torch.Tensor:
         """input x weight^T + bias; with `gelu` ("erf" or "tanh", its approximation), GELU of that, applied
         by the kernel as it writes the output instead of as two more passes over it."""
-        if gelu is None:
-            return self._op(input, self._pack(weight), bias, "none", [], "")
-        return self._op(input, self._pack(weight), bias, "gelu", [], "none" if gelu == "erf" else "tanh")
+        # oneDNN's post-op and its algorithm: the exact GELU is its "none"
+        post, algorithm = ("none", "") if gelu is None else ("gelu", "none" if gelu == "erf" else "tanh")
+        return self._op(input, self._pack(weight), bias, post, [], algorithm)
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
         if self._reorder is None:
