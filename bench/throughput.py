@@ -660,6 +660,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.data_dir = None
     elif args.data_dir is None:
         args.data_dir = default_data_dir()
+    if args.data_dir is not None:  # the HELM data folder links to it from elsewhere
+        args.data_dir = args.data_dir.resolve()
     return args
 
 

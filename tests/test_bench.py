@@ -40,6 +40,12 @@ def test_the_lm_eval_request_rebuilds_helm_s_separate_prompt(bench):
         bench.split_reference("Cloak color of Vandor red", "blue")
 
 
+def test_a_relative_data_dir_is_made_absolute(bench, tmp_path, monkeypatch):
+    # the HELM data folder it builds elsewhere links to MMLU there: a relative link would dangle
+    monkeypatch.chdir(tmp_path)
+    assert bench.parse_args(["--data-dir", "data"]).data_dir == tmp_path / "data"
+
+
 def test_hellaswag_text_export_becomes_helm_rows(bench, tmp_path):
     tasks = [
         ("Roof shingle removal: A man is sitting on a roof. he", 3, ["a.", "b.", "c.", "starts pulling."]),
