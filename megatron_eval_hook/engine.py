@@ -557,12 +557,12 @@ class Engine:
         for _, _, r in picks:
             where.append((r, slots[r]))
             slots[r] += 1
-        targets = torch.zeros(count, max(slots, default=1), dtype=torch.long)
-        for (k, i, _), (r, slot) in zip(picks, where):
-            targets[r, slot] = sequences[k][i]
-        targets = targets.to(self.device)
+        targets = np.zeros((count, max(slots, default=1)), dtype=np.int64)
+        at = tuple(np.array(where, dtype=np.int64).reshape(-1, 2).T)
+        targets[at] = [sequences[k][i] for k, i, _ in picks]
+        targets = self._tensor(targets)
         (values,) = forward(lambda logprobs, first: (logprobs.gather(1, targets[first : first + len(logprobs)]),))
-        values = values[self._tensor([r for r, _ in where]), self._tensor([s for _, s in where])].cpu().tolist()
+        values = values.cpu().numpy()[at].tolist()
         results = [[0.0] * len(s) for s in sequences]
         for (k, i, _), value in zip(picks, values):
             results[k][i] = value
