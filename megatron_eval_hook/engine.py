@@ -14,7 +14,8 @@ the model's core attention for the duration of a call (`FastAttention`):
 
 - scoring packs requests into prefix trees: a multiple-choice question shared by its four answers
   is computed once, each token attending only to its own ancestors; a forward pass holds trees one
-  after the other with no padding;
+  after the other with no padding (attention runs tree by tree on CPU, on padded batches of trees
+  elsewhere);
 - generation keeps a key/value cache, so each new token costs one position, not the whole prefix;
   the prompts' common trunk (the in-context examples) is computed and stored once, and each step
   feeds one token for every request of a group sized by the cache's memory, not by batch_size.
@@ -185,11 +186,14 @@ class FastAttention(torch.nn.Module):
     [sk, b, groups, d] (positions already applied); the masks are the engine's, set between
     forward passes with the kind of call:
 
-    - trees (`rows` set): the call's positions are one sequence (b = 1) holding prefix trees one
-      after the other, with no padding for the layer's matmuls to compute. `rows` gives each tree's
-      first position and which keys each of its nodes sees: every position of `trunk` when one is
-      set, then itself and its ancestors. Attention runs tree by tree. With `keep`, the call's keys
-      and values stay in `fresh` for the engine to cache.
+    - trees (`rows` or `padded` set): the call's positions are one sequence (b = 1) holding prefix
+      trees one after the other, with no padding for the layer's matmuls to compute. Each node sees
+      every position of `trunk` when one is set, then itself and its ancestors. With `rows` (each
+      tree's first position and mask) attention runs tree by tree, computing no padding: the CPU's
+      choice. With `padded` it runs on batches of trees of similar sizes, gathered into padded rows:
+      a few kernel calls per layer instead of a few per tree, for a GPU, where launches cost more
+      than the padding's arithmetic. With `keep`, the call's keys and values stay in `fresh` for the
+      engine to cache.
     - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. The cache holds
       each request's prompt part (after the trunk), padded to a common width, and apart from it its
       generated tokens: every row writes its new key and value at the same `step`, and attends to
@@ -205,6 +209,8 @@ class FastAttention(torch.nn.Module):
         self.trunk: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [groups, t, d]
         self.keep = False
         self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, t + n] True: sees
+        # in place of `rows`: the trees in padded batches of similar sizes, and where each position's output is
+        self.padded: tuple[list[_TreeBatch], torch.Tensor] | None = None
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [positions, groups, d]
         # prompt keys, values [rows, groups, width, d]; generated keys, values [rows, groups, steps, d]
         self.cache: tuple[torch.Tensor, ...] | None = None
@@ -220,6 +226,8 @@ class FastAttention(torch.nn.Module):
         query, key, value = query[:, 0], key[:, 0], value[:, 0]  # [positions, heads or groups, d]
         if self.keep:
             self.fresh = key, value
+        if self.padded is not None:
+            return self._attend_padded(query, key, value).view(positions, 1, heads * dim)
         shared = 0
         if self.trunk is not None:  # each tree's keys go after the trunk's, copied there once per call
             shared = self.trunk[0].shape[1]
@@ -240,6 +248,24 @@ class FastAttention(torch.nn.Module):
             )
             outs.append(out[0].transpose(0, 1))  # [length, heads, d]
         return torch.cat(outs).view(positions, 1, heads * dim)
+
+    def _attend_padded(self, query, key, value):
+        """One attention call per batch of trees: each tree gathered into a row of [trees, longest], its keys
+        after the trunk's, the padding masked by the batch's bias; the outputs go back to the pass's positions."""
+        batches, scatter = self.padded
+        outs = []
+        for batch in batches:
+            trees, length = batch.gather.shape
+            q, k, v = (t[batch.gather].transpose(1, 2) for t in (query, key, value))  # [trees, heads or groups, n, d]
+            if self.trunk is not None:
+                k, v = (
+                    torch.cat([part.expand(trees, *part.shape), own], dim=2) for part, own in zip(self.trunk, (k, v))
+                )
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=batch.bias, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
+            )
+            outs.append(out.transpose(1, 2).reshape(trees * length, -1))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs))[scatter]
 
     def _decode(self, query, key, value):
         """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
@@ -273,6 +299,14 @@ class FastAttention(torch.nn.Module):
             by_group = weights[..., :shared].permute(1, 0, 2, 3).reshape(groups, -1, shared)
             out += torch.matmul(by_group, trunk_values).view(groups, rows, -1, dim).permute(1, 0, 2, 3)
         return out.reshape(1, rows, heads * dim)
+
+
+@dataclass(frozen=True)
+class _TreeBatch:
+    """Trees of similar sizes padded to one length, attended in one call (`FastAttention._attend_padded`)."""
+
+    gather: torch.Tensor  # [trees, longest]: the pass position of each tree's node (0 in the padding)
+    bias: torch.Tensor  # [trees, 1, longest, trunk + longest]: 0 where a node sees a key, -inf elsewhere
 
 
 @dataclass
@@ -414,6 +448,7 @@ class Engine:
         end_of_text: int | None = None,
         fast: bool = True,
         row_tokens: int = ROW_TOKENS,
+        padded_trees: bool | None = None,
     ):
         self.model = model
         self.vocab_size = vocab_size
@@ -427,6 +462,9 @@ class Engine:
         self.row_tokens = row_tokens
         dtype = next(model.parameters()).dtype
         self.linear = onednn_linear() if self.device.type == "cpu" and dtype == torch.float32 else None
+        # attention over a pass's trees: on CPU tree by tree (no work on padding), elsewhere as one padded
+        # batch: one kernel call per layer, where a call per tree costs more in launches than in arithmetic
+        self.padded_trees = self.device.type != "cpu" if padded_trees is None else padded_trees
         self.pass_positions = batch_size * row_tokens
         if self.device.type == "cpu":
             self.pass_positions = min(self.pass_positions, CPU_PASS_POSITIONS)
@@ -629,12 +667,17 @@ class Engine:
         `first_position` positions every node sees (the layers' trunk); their position ids start there.
         Returns that and the offset of each row's first node in the pass."""
         offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
-        masks = []
-        for first, row in zip(offsets, rows):
-            seen = np.concatenate([np.ones((len(row.tokens), first_position), dtype=bool), row.visible()], axis=1)
-            masks.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
-        for layer in layers:
-            layer.rows = masks
+        if self.padded_trees:
+            padded = self._tree_batches(rows, offsets, first_position)
+            for layer in layers:
+                layer.padded = padded
+        else:
+            masks = []
+            for first, row in zip(offsets, rows):
+                seen = np.concatenate([np.ones((len(row.tokens), first_position), dtype=bool), row.visible()], axis=1)
+                masks.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
+            for layer in layers:
+                layer.rows = masks
         read_picks = self._forward(
             self._tensor([t for row in rows for t in row.tokens]).unsqueeze(0),
             self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0),
@@ -644,8 +687,44 @@ class Engine:
             read,
         )
         for layer in layers:
-            layer.rows = None
+            layer.rows = layer.padded = None
         return read_picks, offsets
+
+    def _tree_batches(
+        self, rows: Sequence[_PackedRow], offsets: list[int], shared: int
+    ) -> tuple[list[_TreeBatch], torch.Tensor]:
+        """`rows` laid out at `offsets` as padded batches of trees, each node seeing the `shared` keys of the
+        trunk first, and each pass position's place in the batches' flattened outputs, one after the other.
+
+        Largest first, a tree under half the size of its batch's first starts a new batch: the padding stays
+        under 3/4 of a batch's area (the bias's memory within 4 x the attention's real work). A padding query
+        sees only its own (padding) key: its output is finite, and dropped."""
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
+        groups: list[list[int]] = []
+        for r in order:
+            if not groups or 2 * len(rows[r].tokens) < len(rows[groups[-1][0]].tokens):
+                groups.append([])
+            groups[-1].append(r)
+        dtype = next(self.model.parameters()).dtype
+        scatter = np.empty(offsets[-1] + len(rows[-1].tokens), dtype=np.int64)
+        batches, placed = [], 0
+        for group in groups:
+            longest = len(rows[group[0]].tokens)
+            gather = np.zeros((len(group), longest), dtype=np.int64)
+            seen = np.zeros((len(group), longest, longest), dtype=bool)
+            for b, r in enumerate(group):
+                n, first = len(rows[r].tokens), offsets[r]
+                gather[b, :n] = np.arange(first, first + n)
+                scatter[first : first + n] = np.arange(placed + b * longest, placed + b * longest + n)
+                seen[b, :n, :n] = rows[r].visible()
+                seen[b, np.arange(n, longest), np.arange(n, longest)] = True
+            placed += len(group) * longest
+            # the bias's rows start at multiples of 16 elements, as memory-efficient attention kernels require
+            width = -(-(shared + longest) // 16) * 16
+            bias = torch.zeros(len(group), 1, longest, width, dtype=dtype, device=self.device)[..., : shared + longest]
+            bias[:, 0, :, shared:].masked_fill_(~torch.from_numpy(seen).to(self.device), -math.inf)
+            batches.append(_TreeBatch(self._tensor(gather), bias))
+        return batches, self._tensor(scatter)
 
     def _work(self, sizes: list[int], trunk: int) -> float:
         """Estimated cost of forward passes over trees of these sizes, in units of one attention key: per

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +18,7 @@ from megatron_eval_hook.engine import (
     Engine,
     GenerationRequest,
     RequestTooLong,
+    _PackedRow,
 )
 
 # Requests sharing prefixes, as multiple-choice questions do, plus a duplicate and a lone token.
@@ -268,6 +270,39 @@ def test_a_scoring_request_longer_than_the_window_is_refused(gpt, char_tokenizer
     subject = Engine(gpt, vocab_size=char_tokenizer.vocab_size, max_sequence_length=8, batch_size=2)
     with pytest.raises(RequestTooLong, match="9 tokens.*8 tokens"):
         subject.score([list(range(9))])
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["tree-by-tree", "padded-batch"])
+def test_both_layouts_of_tree_attention_match_the_plain_path(model, char_tokenizer, padded):
+    vocab = char_tokenizer.vocab_size
+    subject = engine(model, vocab, batch_size=4, row_tokens=8, padded_trees=padded)
+    # trees of different sizes in one pass: the padded batch masks the shorter ones' padding
+    for got, want in zip(subject.score(SEQUENCES), engine(model, vocab, fast=False).score(SEQUENCES)):
+        assert got == pytest.approx(want, abs=1e-4)
+    trunk = [(5 * i) % 60 + 1 for i in range(20)]  # prompt parts after a trunk, in several prefill passes
+    requests = [GenerationRequest(trunk + [i % 60, (3 * i) % 60, 7][: 1 + i % 3], 2 + i % 4) for i in range(12)]
+    cached = subject.generate(requests)
+    plain = engine(model, vocab, fast=False, batch_size=1).generate(requests)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    for c, p in zip(cached, plain):  # large weights (std 0.5): rounding reaches 1e-5
+        assert c.logprobs == pytest.approx(p.logprobs, abs=1e-4)
+
+
+def test_padded_tree_batches_group_trees_of_similar_sizes(gpt, char_tokenizer):
+    subject = engine(gpt, char_tokenizer.vocab_size, padded_trees=True)
+    rows = []
+    for n in (3, 40, 12, 20, 3):  # one chain of n nodes each
+        rows.append(_PackedRow())
+        for node in range(n):
+            rows[-1].add(node + 1, node - 1)
+    offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
+    batches, scatter = subject._tree_batches(rows, offsets, shared=5)
+    # a tree under half its batch's first starts the next batch: 40 and 20, then 12, then 3 and 3
+    assert [tuple(b.gather.shape) for b in batches] == [(2, 40), (1, 12), (2, 3)]
+    assert [tuple(b.bias.shape) for b in batches] == [(2, 1, 40, 45), (1, 1, 12, 17), (2, 1, 3, 8)]
+    # every pass position is gathered once and its output read back from there
+    placed = torch.cat([b.gather.flatten() for b in batches])
+    assert placed[scatter].tolist() == list(range(sum(len(row.tokens) for row in rows)))
 
 
 def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(model, char_tokenizer):
