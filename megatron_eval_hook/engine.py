@@ -432,7 +432,8 @@ class Engine:
     `vocab_size` is the tokenizer's vocabulary: the model's padded vocabulary rows beyond it
     are never predicted. `max_sequence_length` is the context window, in tokens. `batch_size`
     is the number of sequences per forward pass (generation, plain scoring), or of `row_tokens`
-    positions (packed scoring and prompts).
+    positions (packed scoring and prompts). `padded_trees`: attention over a pass's prefix trees
+    on padded batches of trees (`FastAttention`); by default off on CPU, on elsewhere.
 
     On CPU the engine keeps a reordered copy of the model's float32 linear weights between calls
     (`OneDnnLinear`), made again for a weight whose tensor or version changed; `release()` frees it.
