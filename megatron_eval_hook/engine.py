@@ -70,6 +70,11 @@ CPU_PASS_POSITIONS = 2048
 # a [2048, 50k] block at once is 400 MiB, written and read back from memory); on GPU it bounds the memory.
 OUTPUT_BYTES_CPU, OUTPUT_BYTES_GPU = 24 << 20, 1 << 30
 
+# A padded batch of prefix trees (attention off the CPU) holds at most this many bytes of keys and values
+# (the trunk's copied for every tree) and attention bias, one tree at least: a 7B model's 8k-token trunk is
+# 128 MiB of keys and values per tree and layer in bf16.
+PADDED_BATCH_BYTES = 256 << 20
+
 
 class RequestTooLong(ValueError):
     """A request does not fit in the model's context window."""
@@ -698,15 +703,22 @@ class Engine:
         trunk first, and each pass position's place in the batches' flattened outputs, one after the other.
 
         Largest first, a tree under half the size of its batch's first starts a new batch: the padding stays
-        under 3/4 of a batch's area (the bias's memory within 4 x the attention's real work). A padding query
-        sees only its own (padding) key: its output is finite, and dropped."""
+        under 3/4 of a batch's area (the bias's memory within 4 x the attention's real work). So does a tree
+        past PADDED_BATCH_BYTES. A padding query sees only its own (padding) key: its output is finite, and
+        dropped."""
+        config = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        key_value = 2 * (config.num_query_groups or config.num_attention_heads) * config.kv_channels
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
         groups: list[list[int]] = []
         for r in order:
-            if not groups or 2 * len(rows[r].tokens) < len(rows[groups[-1][0]].tokens):
-                groups.append([])
-            groups[-1].append(r)
-        dtype = next(self.model.parameters()).dtype
+            if groups:
+                longest = len(rows[groups[-1][0]].tokens)
+                per_tree = (shared + longest) * (key_value + longest) * dtype.itemsize
+                if 2 * len(rows[r].tokens) >= longest and (len(groups[-1]) + 1) * per_tree <= PADDED_BATCH_BYTES:
+                    groups[-1].append(r)
+                    continue
+            groups.append([r])
         scatter = np.empty(offsets[-1] + len(rows[-1].tokens), dtype=np.int64)
         batches, placed = [], 0
         for group in groups:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_gpt
 
+import megatron_eval_hook.engine as engine_module
 from megatron_eval_hook.engine import (
     CPU_PASS_POSITIONS,
     END_OF_TEXT,
@@ -288,7 +289,7 @@ def test_both_layouts_of_tree_attention_match_the_plain_path(model, char_tokeniz
         assert c.logprobs == pytest.approx(p.logprobs, abs=1e-4)
 
 
-def test_padded_tree_batches_group_trees_of_similar_sizes(gpt, char_tokenizer):
+def test_padded_tree_batches_group_trees_of_similar_sizes(gpt, char_tokenizer, monkeypatch):
     subject = engine(gpt, char_tokenizer.vocab_size, padded_trees=True)
     rows = []
     for n in (3, 40, 12, 20, 3):  # one chain of n nodes each
@@ -303,6 +304,13 @@ def test_padded_tree_batches_group_trees_of_similar_sizes(gpt, char_tokenizer):
     # every pass position is gathered once and its output read back from there
     placed = torch.cat([b.gather.flatten() for b in batches])
     assert placed[scatter].tolist() == list(range(sum(len(row.tokens) for row in rows)))
+    # a memory bound that holds one 40-node tree's keys, values and bias: the 20-node tree goes apart, with
+    # the 12-node one (two trees of 20 fit)
+    config = gpt.config
+    per_tree = (5 + 40) * (2 * config.num_query_groups * config.kv_channels + 40) * 4
+    monkeypatch.setattr(engine_module, "PADDED_BATCH_BYTES", per_tree)
+    batches, _ = subject._tree_batches(rows, offsets, shared=5)
+    assert [tuple(b.gather.shape) for b in batches] == [(1, 40), (2, 20), (2, 3)]
 
 
 def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(model, char_tokenizer):
