@@ -214,7 +214,7 @@ class FastAttention(torch.nn.Module):
         self.trunk: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [groups, t, d]
         self.keep = False
         self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, t + n] True: sees
-        # in place of `rows`: the trees in padded batches of similar sizes, and where each position's output is
+        # in place of `rows`: the trees in padded batches of similar sizes, and each position's place in their outputs
         self.padded: tuple[list[_TreeBatch], torch.Tensor] | None = None
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [positions, groups, d]
         # prompt keys, values [rows, groups, width, d]; generated keys, values [rows, groups, steps, d]
@@ -468,8 +468,8 @@ class Engine:
         self.row_tokens = row_tokens
         dtype = next(model.parameters()).dtype
         self.linear = onednn_linear() if self.device.type == "cpu" and dtype == torch.float32 else None
-        # attention over a pass's trees: on CPU tree by tree (no work on padding), elsewhere as one padded
-        # batch: one kernel call per layer, where a call per tree costs more in launches than in arithmetic
+        # attention over a pass's trees: on CPU tree by tree (no work on padding), elsewhere on padded batches
+        # of trees: a few kernel calls per layer, where a call per tree costs more in launches than in arithmetic
         self.padded_trees = self.device.type != "cpu" if padded_trees is None else padded_trees
         self.pass_positions = batch_size * row_tokens
         if self.device.type == "cpu":
