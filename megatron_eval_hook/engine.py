@@ -709,16 +709,15 @@ class Engine:
         config = self.model.config
         dtype = next(self.model.parameters()).dtype
         key_value = 2 * (config.num_query_groups or config.num_attention_heads) * config.kv_channels
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
         groups: list[list[int]] = []
-        for r in order:
-            if groups:
-                longest = len(rows[groups[-1][0]].tokens)
-                per_tree = (shared + longest) * (key_value + longest) * dtype.itemsize
-                if 2 * len(rows[r].tokens) >= longest and (len(groups[-1]) + 1) * per_tree <= PADDED_BATCH_BYTES:
-                    groups[-1].append(r)
-                    continue
-            groups.append([r])
+        longest = capacity = 0  # the current batch's first (largest) tree, and how many trees it may hold
+        for r in sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens)):
+            n = len(rows[r].tokens)
+            if 2 * n < longest or not groups or len(groups[-1]) == capacity:
+                groups.append([])
+                longest = n
+                capacity = max(1, PADDED_BATCH_BYTES // ((shared + n) * (key_value + n) * dtype.itemsize))
+            groups[-1].append(r)
         scatter = np.empty(offsets[-1] + len(rows[-1].tokens), dtype=np.int64)
         batches, placed = [], 0
         for group in groups:
