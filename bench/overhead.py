@@ -56,8 +56,9 @@ class TrivialEngine:
 
     Like the engine, `score` computes only the tokens from `needed_from` on; the others get 0.0."""
 
-    def __init__(self, max_sequence_length: int):
+    def __init__(self, max_sequence_length: int, decode):
         self.max_sequence_length = max_sequence_length
+        self.decode = decode  # token ids -> text, to find stop sequences
         self.seconds = 0.0
 
     def score(self, sequences: Sequence[Sequence[int]], needed_from: Sequence[int] | None = None) -> list[list[float]]:
@@ -76,19 +77,19 @@ class TrivialEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         started = time.perf_counter()
         try:
-            return [self._generate(r) for r in requests]
+            return [self._generate(r, self.decode) for r in requests]
         finally:
             self.seconds += time.perf_counter() - started
 
     @staticmethod
-    def _generate(request: GenerationRequest) -> Generation:
+    def _generate(request: GenerationRequest, decode) -> Generation:
         prompt = list(request.prompt) or [0]
         start = zlib.crc32(str(prompt[-16:]).encode()) % len(prompt)
         tokens: list[int] = []
         reason = LENGTH
         while len(tokens) < request.max_new_tokens:
             tokens.append(prompt[(start + len(tokens)) % len(prompt)])
-            if request.is_done is not None and request.is_done(tokens):
+            if request.stop_sequences and any(stop in decode(tokens) for stop in request.stop_sequences):
                 reason = STOP
                 break
         return Generation(tokens, [-1.0] * len(tokens), reason)
@@ -97,8 +98,9 @@ class TrivialEngine:
 def evaluate_once(suite: HelmSuite, tokenizer, max_sequence_length: int, iteration: int):
     """One evaluation as the hook runs it after a save: (wall s, CPU s, model s, {benchmark: (s, main score)})."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    engine = TrivialEngine(max_sequence_length)
-    model = InProcessModel(engine, MegatronTokenizer(tokenizer))  # type: ignore[arg-type]
+    text = MegatronTokenizer(tokenizer)
+    engine = TrivialEngine(max_sequence_length, text.decode)
+    model = InProcessModel(engine, text)  # type: ignore[arg-type]
     register_model(MODEL_KEY, model)
     results = {}
     for prepared, outcome, seconds in suite.evaluate(model, iteration):

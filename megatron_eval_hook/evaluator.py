@@ -122,14 +122,16 @@ class Evaluator:
             gpt.eval()
             if self.export is not None:
                 self._export(gpt, iteration)
+            text = MegatronTokenizer(tokenizer)
             engine = Engine(
                 gpt,
                 vocab_size=tokenizer.vocab_size,
                 max_sequence_length=self.max_sequence_length,
                 batch_size=self.config.engine.batch_size,
                 end_of_text=getattr(tokenizer, "eod", None),
+                decode=text.decode,
             )
-            in_process = InProcessModel(engine, MegatronTokenizer(tokenizer))
+            in_process = InProcessModel(engine, text)
             register_model(self.model_key, in_process)
             try:
                 for prepared, outcome, seconds in self.suite.evaluate(in_process, iteration, only=only):

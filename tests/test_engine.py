@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_gpt
 
-import megatron_eval_hook.engine as engine_module
+import megatron_eval_hook.engine.attention as attention_module
 from megatron_eval_hook.engine import (
     CPU_PASS_POSITIONS,
     END_OF_TEXT,
@@ -19,8 +19,9 @@ from megatron_eval_hook.engine import (
     Engine,
     GenerationRequest,
     RequestTooLong,
-    _PackedRow,
 )
+from megatron_eval_hook.engine.attention import tree_batches
+from megatron_eval_hook.engine.plan import _PackedRow
 
 # Requests sharing prefixes, as multiple-choice questions do, plus a duplicate and a lone token.
 SEQUENCES = [
@@ -42,6 +43,11 @@ def reference_logprobs(model, tokens: list[int], vocab_size: int) -> torch.Tenso
     with torch.no_grad():
         logits = model(ids, torch.arange(n).unsqueeze(0), mask)[0, :, :vocab_size]
     return torch.log_softmax(logits.float(), -1)
+
+
+def _spell_count(tokens: list[int]) -> str:
+    """A `decode` whose text says how many tokens there are ("x" each): a stop sequence "xx" stops at two."""
+    return "x" * len(tokens)
 
 
 def engine(model, vocab, fast=True, batch_size=3, **kwargs):
@@ -70,7 +76,7 @@ def test_score_matches_an_unbatched_forward_pass(model, char_tokenizer, fast):
 
 def test_shared_prefixes_take_one_position_each(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size)
-    rows = subject._pack(SEQUENCES)
+    rows = subject.planner.pack(SEQUENCES)
     distinct_prefixes = {tuple(s[: i + 1]) for s in SEQUENCES for i in range(len(s))}
     assert sum(len(r.tokens) for r in rows) == len(distinct_prefixes) == 24
 
@@ -95,13 +101,13 @@ def test_generation_is_greedy_and_independent_of_batch_size(model, char_tokenize
         GenerationRequest([5, 6, 7], 6),
         GenerationRequest([9], 4),
         GenerationRequest([1, 2, 3, 4, 5, 6], 5),
-        GenerationRequest([1, 2], 9, is_done=lambda tokens: len(tokens) == 2),
+        GenerationRequest([1, 2], 9, stop_sequences=("xx",)),  # stops at its second token (`_spell_count`)
         GenerationRequest([5, 6, 8, 9], 5),  # shares a prefix with the first
         GenerationRequest([20, 21, 22], 1),  # ends after its first token
         GenerationRequest([30, 31], 2),
     ]
-    batched = engine(model, vocab, fast, batch_size=8).generate(requests)
-    single = engine(model, vocab, fast, batch_size=1).generate(requests)
+    batched = engine(model, vocab, fast, batch_size=8, decode=_spell_count).generate(requests)
+    single = engine(model, vocab, fast, batch_size=1, decode=_spell_count).generate(requests)
     assert [g.tokens for g in batched] == [g.tokens for g in single]
     for b, s in zip(batched, single):  # batch shapes change float rounding only
         assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(s.logprobs), atol=1e-5)
@@ -113,7 +119,7 @@ def test_generation_is_greedy_and_independent_of_batch_size(model, char_tokenize
             assert int(expected.argmax()) == token
             assert logprob == pytest.approx(float(expected[token]), abs=1e-5)
             tokens.append(token)
-        if request.is_done is None:
+        if not request.stop_sequences:
             assert generation.finish_reason == LENGTH
             assert len(generation.tokens) == request.max_new_tokens
         else:
@@ -210,12 +216,12 @@ def test_a_gelu_mlp_gives_the_same_output_with_bias_and_activation_in_its_matmul
 def test_the_output_layer_in_slices_of_rows_gives_the_same_results(model, char_tokenizer, fast):
     vocab = char_tokenizer.vocab_size
     whole = engine(model, vocab, fast, batch_size=8)
-    assert whole.output_rows > 100  # a tiny vocabulary: every pass's rows at once
+    assert whole.backend.output_rows > 100  # a tiny vocabulary: every pass's rows at once
     requests = [GenerationRequest([i + 1, (7 * i) % 60 + 1, 3], 4) for i in range(6)]
     expected_scores, expected_generations = whole.score(SEQUENCES), whole.generate(requests)
     for rows in (1, 3):
         sliced = engine(model, vocab, fast, batch_size=8)
-        sliced.output_rows = rows  # the answers of one question land in different slices
+        sliced.backend.output_rows = rows  # the answers of one question land in different slices
         for got, expected in zip(sliced.score(SEQUENCES), expected_scores):
             assert got == pytest.approx(expected, abs=1e-5)
         generations = sliced.generate(requests)
@@ -297,7 +303,7 @@ def test_padded_tree_batches_group_trees_of_similar_sizes(gpt, char_tokenizer, m
         for node in range(n):
             rows[-1].add(node + 1, node - 1)
     offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
-    batches, scatter = subject._tree_batches(rows, offsets, shared=5)
+    batches, scatter = tree_batches(rows, offsets, 5, subject.model.config, torch.float32, torch.device("cpu"))
     # a tree under half its batch's first starts the next batch: 40 and 20, then 12, then 3 and 3
     assert [tuple(b.gather.shape) for b in batches] == [(2, 40), (1, 12), (2, 3)]
     assert [tuple(b.bias.shape) for b in batches] == [(2, 1, 40, 45), (1, 1, 12, 17), (2, 1, 3, 8)]
@@ -308,8 +314,8 @@ def test_padded_tree_batches_group_trees_of_similar_sizes(gpt, char_tokenizer, m
     # the 12-node one (two trees of 20 fit)
     config = gpt.config
     per_tree = (5 + 40) * (2 * config.num_query_groups * config.kv_channels + 40) * 4
-    monkeypatch.setattr(engine_module, "PADDED_BATCH_BYTES", per_tree)
-    batches, _ = subject._tree_batches(rows, offsets, shared=5)
+    monkeypatch.setattr(attention_module, "PADDED_BATCH_BYTES", per_tree)
+    batches, _ = tree_batches(rows, offsets, 5, subject.model.config, torch.float32, torch.device("cpu"))
     assert [tuple(b.gather.shape) for b in batches] == [(1, 40), (2, 20), (2, 3)]
 
 
@@ -320,7 +326,9 @@ def test_generation_in_several_groups_and_prefill_passes_matches_the_plain_path(
     requests = [GenerationRequest([(3 * i) % 50 + 1, (5 * i) % 50 + 1, i % 7 + 1], 1 + i % 3) for i in range(14)]
     subject = engine(model, vocab, batch_size=2, row_tokens=4)
     prompts = [r.prompt for r in requests]
-    groups = subject._decoding_groups(sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, requests)
+    groups = subject.planner.decoding_groups(
+        sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, [r.max_new_tokens for r in requests]
+    )
     assert len(groups) > 1 and max(len(g) for g in groups) > 2
     cached = subject.generate(requests)
     plain = engine(model, vocab, fast=False, batch_size=1).generate(requests)
@@ -333,8 +341,8 @@ def test_a_forward_pass_holds_at_most_batch_size_row_tokens_positions(gpt, char_
     assert engine(gpt, char_tokenizer.vocab_size, batch_size=16).pass_positions == CPU_PASS_POSITIONS < 16 * 256
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
     # trees larger than a pass (one long request each) next to ordinary ones, largest first
-    rows = subject._pack([[i] * n for i, n in enumerate([40, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)])
-    batches = list(subject._batches(rows))
+    rows = subject.planner.pack([[i] * n for i, n in enumerate([40, 20, 20, 12, 3, 3, 3, 3, 3, 3, 3], start=1)])
+    batches = list(subject.planner.passes(rows))
     assert sum(len(b) for b in batches) == len(rows)
     for batch in batches:
         assert len(batch) == 1 or sum(len(row.tokens) for row in batch) <= 4 * 8
@@ -345,7 +353,7 @@ def test_a_forward_pass_holds_at_most_batch_size_row_tokens_positions(gpt, char_
 def test_each_prefix_tree_is_a_row_of_its_own(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
     sequences = [[1, 2, 3, 4, 5], [2, 3, 4, 5, 6], [3, 4, 5], [3, 4, 6], [4, 5, 6]]
-    rows = subject._pack(sequences)
+    rows = subject.planner.pack(sequences)
     assert sorted(len(r.tokens) for r in rows) == [3, 4, 5, 5]
     for row in rows:
         for k, path in row.paths.items():
@@ -377,7 +385,14 @@ def test_decoding_groups_sharing_a_trunk_compute_it_once(gpt, char_tokenizer):
     # a cache of 8 x 2 x 4 = 64 positions holds the trunk and 8 requests of 2 + 2 positions: two groups
     subject = engine(gpt, vocab, batch_size=2, row_tokens=4)
     prompts = [r.prompt for r in requests]
-    assert len(subject._decoding_groups(sorted(range(12), key=lambda i: prompts[i]), prompts, requests)) == 2
+    assert (
+        len(
+            subject.planner.decoding_groups(
+                sorted(range(12), key=lambda i: prompts[i]), prompts, [r.max_new_tokens for r in requests]
+            )
+        )
+        == 2
+    )
     with positions_fed(gpt) as fed:
         cached = subject.generate(requests)
     # the trunk once, each prompt's own two tokens, then one step feeding each request's first new token
@@ -391,7 +406,7 @@ def test_decoding_groups_sharing_a_trunk_compute_it_once(gpt, char_tokenizer):
 def test_a_prefix_tree_wider_than_a_row_stays_whole_when_that_costs_less(gpt, char_tokenizer):
     subject = engine(gpt, char_tokenizer.vocab_size, batch_size=4, row_tokens=8)
     context = list(range(1, 11))  # four answers to one 10-token question: 14 positions, not 4 x 11
-    rows = subject._pack([context + [20 + i] for i in range(4)])
+    rows = subject.planner.pack([context + [20 + i] for i in range(4)])
     assert [len(r.tokens) for r in rows] == [14]
 
 
@@ -404,7 +419,9 @@ def test_a_prompt_sharing_part_of_the_trunk_is_decoded_apart(model, char_tokeniz
     requests += [GenerationRequest(trunk[:8] + [1, 2, 3], 3), GenerationRequest(trunk[:8] + [70, 2], 3)]
     subject = engine(model, vocab, batch_size=16, row_tokens=8)
     prompts = [r.prompt for r in requests]
-    groups = subject._decoding_groups(sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, requests)
+    groups = subject.planner.decoding_groups(
+        sorted(range(len(prompts)), key=lambda i: prompts[i]), prompts, [r.max_new_tokens for r in requests]
+    )
     assert sorted(sorted(g) for g in groups) == [list(range(11)), [11], [12]]
     with positions_fed(model) as fed:
         cached = subject.generate(requests)

@@ -180,7 +180,7 @@ class InProcessModel:
                 raise UnsupportedRequest("sampling several completions (temperature > 0) is not supported")
         generations = self.engine.generate(
             [
-                GenerationRequest(self.tokenizer.encode(r.prompt), r.max_tokens, self._stop_check(r.stop_sequences))
+                GenerationRequest(self.tokenizer.encode(r.prompt), r.max_tokens, tuple(r.stop_sequences))
                 for r in requests
             ]
         )
@@ -196,16 +196,6 @@ class InProcessModel:
             output = truncate_sequence(output, request, print_warning=False)
             results.append(_success([output] * request.num_completions))
         return results
-
-    def _stop_check(self, stop_sequences: list[str]):
-        if not stop_sequences:
-            return None
-
-        def is_done(tokens: list[int]) -> bool:
-            text = self.tokenizer.decode(tokens)
-            return any(stop in text for stop in stop_sequences)
-
-        return is_done
 
 
 def _success(completions: list[GeneratedOutput]) -> RequestResult:
