@@ -1,0 +1,133 @@
+"""The engine on a model split as training splits it (tensor, pipeline and data parallelism, gloo on CPU)
+answers as the unsharded engine does on the same weights, and every rank makes the same collective calls
+whatever happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from cpu_run import torchrun_command
+from sharded_cases import INJECTED, VOCAB, decode, full_weights, generation_requests, scored, sharded_model
+
+from megatron_eval_hook.engine import Engine, RequestTooLong
+
+WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
+
+# layout -> (TP, PP, processes, cases run in it)
+LAYOUTS = {
+    "tp2": (2, 1, 2, "equal,gathered,faults"),
+    "pp2": (1, 2, 2, "equal,faults"),
+    "dp2": (1, 1, 2, "equal,faults,build_fails"),
+    "tp2xpp2": (2, 2, 4, "equal"),
+    "tp2xdp2": (2, 1, 4, "equal,faults"),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(megatron_world, tmp_path_factory):
+    """The unsharded model, its weights saved by checkpoint key, and its engine."""
+    model = sharded_model()
+    path = tmp_path_factory.mktemp("weights") / "weights.pt"
+    torch.save(full_weights(model), path)
+    engine = Engine(model, vocab_size=VOCAB, max_sequence_length=64, batch_size=3, end_of_text=VOCAB - 1, decode=decode)
+    return engine, path
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def sharded_run(request, reference, tmp_path_factory):
+    """The worker's cases run once per layout: (layout, answers per case, each rank's trace)."""
+    tp, pp, nproc, cases = LAYOUTS[request.param]
+    out = tmp_path_factory.mktemp(request.param)
+    command = torchrun_command(
+        [str(WORKER), "--tp", str(tp), "--pp", str(pp), "--cases", cases, "--weights", str(reference[1]),
+         "--out", str(out)], nproc=nproc,
+    )  # fmt: skip
+    env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    answers = {case: json.loads((out / f"answers-{case}.json").read_text()) for case in cases.split(",")}
+    traces = [json.loads((out / f"trace-{rank}.json").read_text()) for rank in range(nproc)]
+    return request.param, answers, traces, result.stdout
+
+
+def expected_answers(engine: Engine, budget_shift: int = 0):
+    sequences, needed_from = scored()
+    return engine.score(sequences, needed_from), engine.generate(generation_requests(budget_shift))
+
+
+def assert_same_generations(got, expected):
+    assert [g[0] for g in got] == [g.tokens for g in expected]  # identical greedy completions
+    assert [g[2] for g in got] == [g.finish_reason for g in expected]
+    for (_, logprobs, _), generation in zip(got, expected):
+        assert logprobs == pytest.approx(generation.logprobs, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_scores_and_generations_equal_the_unsharded_engine(sharded_run, reference):
+    layout, answers, _, _ = sharded_run
+    scores, generations = expected_answers(reference[0])
+    for case in ("equal", "gathered"):
+        if case not in answers:
+            continue
+        assert "error" not in answers[case], answers[case]
+        for got, expected in zip(answers[case]["scores"], scores, strict=True):
+            assert got == pytest.approx(expected, abs=1e-5), case
+        assert_same_generations(answers[case]["generations"], generations)
+    assert sum(len(s) for s in scores) > 50 and any(g.finish_reason == "stop" for g in generations)
+
+
+@pytest.mark.slow
+def test_faults_reach_the_helm_rank_and_later_calls_are_answered(sharded_run, reference):
+    layout, answers, _, _ = sharded_run
+    if "faults" not in answers:
+        pytest.skip(f"{layout} runs no fault case")
+    outcome = answers["faults"]
+    assert "context window" in outcome["too_long"]  # RequestTooLong, raised on the HELM rank
+    assert INJECTED in outcome["failed"]
+    sequences, _ = scored()
+    assert outcome["one"][0] == pytest.approx(reference[0].score(sequences[:1])[0], abs=1e-5)
+    assert outcome["none"] == []
+    assert_same_generations(outcome["generations"], expected_answers(reference[0], budget_shift=1)[1])
+    with pytest.raises(RequestTooLong):  # the unsharded engine refuses the same request
+        reference[0].score([[1] * 65])
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_build_its_engine_ends_the_session_on_every_rank(sharded_run):
+    layout, answers, _, output = sharded_run
+    if "build_fails" not in answers:
+        pytest.skip(f"{layout} does not inject a build failure")
+    assert "rank 0 could not start" in answers["build_fails"]["error"]
+    assert "injected: no memory" in answers["build_fails"]["error"]
+    assert "MemoryError: injected" in output  # rank 0 says why, and the job still ends normally
+
+
+@pytest.mark.slow
+def test_every_rank_makes_the_same_collective_calls_in_each_group(sharded_run):
+    """(operation, shape) sequences agree among the members of every group, and each send meets a receive
+    of the same shape, in order, whatever the case (faults and failed builds included)."""
+    layout, _, traces, _ = sharded_run
+    sends, receives = defaultdict(list), defaultdict(list)
+    for rank, trace in enumerate(traces):
+        for op, _, shape, peer in trace:
+            if op == "send":
+                sends[(rank, peer)].append(shape)
+            elif op == "recv":
+                receives[(peer, rank)].append(shape)
+    groups = {tuple(ranks) for trace in traces for _, ranks, _, _ in trace}
+    for group in groups:
+        calls = [
+            [(op, shape if not op.endswith("_object") else None) for op, ranks, shape, _ in traces[rank]
+             if tuple(ranks) == group and op not in ("send", "recv")]
+            for rank in group
+        ]  # fmt: skip
+        assert all(c == calls[0] for c in calls), f"{layout}: the ranks of group {group} diverged"
+    assert sends == receives
+    if layout.startswith("pp") or "pp2" in layout:
+        assert sends, "pipeline stages exchanged nothing"
