@@ -35,6 +35,23 @@ class Sink(Protocol):
 ModelAndTokenizer = tuple[Any, Any]
 
 
+def build_engine(gpt: Any, tokenizer: Any, config: EvalHookConfig, max_sequence_length: int) -> Engine:
+    """The engine on `gpt` (a bare GPTModel, or this rank's part of one) for the run's Megatron tokenizer:
+    every rank of a sharded evaluation builds its own with the same arguments. Puts `gpt` in eval mode
+    (no dropout)."""
+    from megatron_eval_hook.helm.client import MegatronTokenizer
+
+    gpt.eval()
+    return Engine(
+        gpt,
+        vocab_size=tokenizer.vocab_size,
+        max_sequence_length=max_sequence_length,
+        batch_size=config.engine.batch_size,
+        end_of_text=getattr(tokenizer, "eod", None),
+        decode=MegatronTokenizer(tokenizer).decode,
+    )
+
+
 class Evaluator:
     """Runs the HELM suite on a model's checkpoints and records each outcome."""
 
@@ -94,11 +111,14 @@ class Evaluator:
         tokens: int | None,
         model: Callable[[], ModelAndTokenizer],
         only: Collection[str] | None = None,
+        serve: Callable[[Engine], Any] | None = None,
     ) -> None:
         """Evaluate the weights saved at `iteration` on every benchmark (or those named in `only`).
 
         `model()` gives the GPTModel and tokenizer; it is called after the ledger rows are opened,
-        so a model that cannot be produced (an unreadable checkpoint) is recorded as a failure too."""
+        so a model that cannot be produced (an unreadable checkpoint) is recorded as a failure too.
+        `serve(engine)`, when given, returns what answers HELM's requests in the engine's place (the
+        sharded placement's engine, computed by every rank of the job)."""
         from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer, register_model
 
         chosen = [p for p in self.suite.benchmarks if only is None or p.name in only]
@@ -122,16 +142,8 @@ class Evaluator:
             gpt.eval()
             if self.export is not None:
                 self._export(gpt, iteration)
-            text = MegatronTokenizer(tokenizer)
-            engine = Engine(
-                gpt,
-                vocab_size=tokenizer.vocab_size,
-                max_sequence_length=self.max_sequence_length,
-                batch_size=self.config.engine.batch_size,
-                end_of_text=getattr(tokenizer, "eod", None),
-                decode=text.decode,
-            )
-            in_process = InProcessModel(engine, text)
+            engine = build_engine(gpt, tokenizer, self.config, self.max_sequence_length)
+            in_process = InProcessModel(engine if serve is None else serve(engine), MegatronTokenizer(tokenizer))
             register_model(self.model_key, in_process)
             try:
                 for prepared, outcome, seconds in self.suite.evaluate(in_process, iteration, only=only):

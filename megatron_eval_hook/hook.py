@@ -5,9 +5,10 @@ imported into `megatron.training.training`, and ADLR autoresume through the one 
 `megatron.training.checkpointing`; `install_hook` wraps both. The wrapper fires on every rank
 after each save and asks the hook whether this save is to be evaluated.
 
-Sync placement with data parallelism: the last rank (the one Megatron gives its W&B run)
-evaluates, while the other ranks wait in a barrier of a gloo group of the hook's own with a long
-timeout, so no training collective can time out.
+Sync placement: the last rank (the one Megatron gives its W&B run) runs HELM, and every rank computes
+its answers on the weights as training shards them (tensor and pipeline parallelism), the requests split
+across the data-parallel replicas (`placement/sync.py`). The ranks talk over a gloo group of the hook's
+own with a long timeout, so no training collective can time out.
 
 Async placement: every rank copies its shards of the weights into host memory and goes on
 (`placement/async_eval.py`). The hook also wraps `training_log`, to log the scores that arrive
@@ -26,7 +27,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ from megatron_eval_hook.config import (
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
 from megatron_eval_hook.ledger import Ledger
 from megatron_eval_hook.placement.async_eval import AsyncPlacement
-from megatron_eval_hook.placement.sync import SyncPlacement
+from megatron_eval_hook.placement.sync import SyncPlacement, sequence_parallel_off
 
 logger = logging.getLogger("megatron_eval_hook")
 
@@ -173,7 +173,6 @@ class EvalHook:
             self._check_parallelism(args)
             ledger = Ledger(self.ledger_path) if self.is_evaluating_rank else None
             self.placement = SyncPlacement(config, benchmarks, ledger=ledger, **common)
-        self._group = None
         self._evaluated: set[int] = set()
         if self.is_evaluating_rank:
             logger.info(
@@ -189,17 +188,26 @@ class EvalHook:
         return self.rank == self.evaluating_rank
 
     def _check_parallelism(self, args: Any) -> None:
-        sizes = {
-            "--tensor-model-parallel-size": getattr(args, "tensor_model_parallel_size", 1) or 1,
-            "--pipeline-model-parallel-size": getattr(args, "pipeline_model_parallel_size", 1) or 1,
-            "--context-parallel-size": getattr(args, "context_parallel_size", 1) or 1,
+        """The layouts the sync placement cannot evaluate on yet, refused before the first iteration."""
+        refused = {
+            "--context-parallel-size": (getattr(args, "context_parallel_size", 1) or 1) > 1,
+            "--virtual-pipeline-model-parallel-size (interleaved pipeline)": getattr(
+                args, "virtual_pipeline_model_parallel_size", None
+            )
+            is not None,
+            "--num-experts (mixture of experts)": bool(getattr(args, "num_experts", None)),
+            "--expert-model-parallel-size": (getattr(args, "expert_model_parallel_size", 1) or 1) > 1,
         }
-        sharded = {flag: size for flag, size in sizes.items() if size > 1}
-        if sharded:
+        sharded = (getattr(args, "tensor_model_parallel_size", 1) or 1) * (
+            getattr(args, "pipeline_model_parallel_size", 1) or 1
+        ) > 1
+        refused["export_hf with --tensor/--pipeline-model-parallel-size > 1"] = sharded and bool(self.config.export_hf)
+        flags = [flag for flag, bad in refused.items() if bad]
+        if flags:
             raise ConfigError(
-                f"the sync placement evaluates on one rank and needs the whole model there, but the run shards it "
-                f"({', '.join(f'{k} {v}' for k, v in sharded.items())}). Fix: use data parallelism only with "
-                "placement=sync, or placement=async, whose eval process assembles the whole model."
+                f"the sync placement does not evaluate this layout yet: {', '.join(flags)}. Fix: placement=async "
+                "(its eval process assembles the whole model on a spare device), or evaluate the saved "
+                "checkpoints afterwards with `megatron-eval backfill`."
             )
 
     def _check_schedule(self, args: Any) -> None:
@@ -235,21 +243,23 @@ class EvalHook:
         started = time.perf_counter()
         evaluated = False
         try:
-            if self.is_evaluating_rank and self._exiting_on_signal():
-                # A preempted job saves and must stop within its grace period: do not spend it here.
-                self.placement.skip(
-                    event,
-                    "the job received its exit signal (e.g. preemption) and is stopping; "
-                    "evaluating now could outlast the grace period",
-                )
-            elif self.is_evaluating_rank:
-                evaluated = True
-                with preserved_training_state(model):
+            # A preempted job saves and must stop within its grace period: do not spend it here. The
+            # evaluating rank decides; every rank learns it.
+            reason = self.placement.agree_on_skip(
+                "the job received its exit signal (e.g. preemption) and is stopping; "
+                "evaluating now could outlast the grace period"
+                if self.is_evaluating_rank and self._exiting_on_signal()
+                else None
+            )
+            if reason is not None:
+                if self.is_evaluating_rank:
+                    self.placement.skip(event, reason)
+            else:
+                evaluated = self.is_evaluating_rank
+                with preserved_training_state(model), sequence_parallel_off(model):
                     self.placement.evaluate(event, model)
         except Exception:  # an evaluation must never kill training; the placement recorded the failure
             logger.exception("evaluation at iteration %d failed", iteration)
-        finally:
-            self._wait_for_evaluating_rank()  # every rank, whatever the evaluating rank did
         if evaluated:
             self.placement.publish(event, blocked_s=time.perf_counter() - started)
 
@@ -277,14 +287,6 @@ class EvalHook:
 
         handler = getattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", None)
         return bool(getattr(handler, "_signal_received", False))
-
-    def _wait_for_evaluating_rank(self) -> None:
-        if self.world_size == 1 or not torch.distributed.is_initialized():
-            return
-        if self._group is None:
-            # Collective on all ranks, at the first evaluated save (all ranks reach it together).
-            self._group = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=24))
-        torch.distributed.barrier(group=self._group)
 
 
 @contextmanager

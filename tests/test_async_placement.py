@@ -23,6 +23,7 @@ from training_runs import (
     scores,
     statuses,
     train,
+    training_loss,
 )
 from wandb_offline import read_run, run_files, series
 
@@ -31,11 +32,6 @@ from megatron_eval_hook.ledger import Ledger
 pytestmark = pytest.mark.slow
 
 ASYNC = ["placement=async", BENCHMARKS]
-
-
-def training_loss(tmp) -> list[tuple[int, float]]:
-    (path,) = run_files(tmp / "wandb")
-    return series(read_run(path), "lm loss")
 
 
 def ledger_rows(tmp) -> list[dict]:

@@ -20,16 +20,50 @@ def megatron_args(**changes) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(
-    "flag, attribute",
+    "changes, flag",
     [
-        ("--tensor-model-parallel-size 2", "tensor_model_parallel_size"),
-        ("--pipeline-model-parallel-size 2", "pipeline_model_parallel_size"),
-        ("--context-parallel-size 2", "context_parallel_size"),
+        ({"context_parallel_size": 2}, "--context-parallel-size"),
+        ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, "interleaved pipeline"),
+        ({"num_experts": 8}, "--num-experts"),
+        ({"expert_model_parallel_size": 2}, "--expert-model-parallel-size"),
     ],
 )
-def test_model_parallel_runs_are_refused_in_the_sync_placement(flag, attribute):
-    with pytest.raises(ConfigError, match=flag):
-        EvalHook(EvalHookConfig(), megatron_args(**{attribute: 2}))
+def test_layouts_the_sync_placement_cannot_evaluate_are_refused_with_the_alternatives(changes, flag):
+    with pytest.raises(ConfigError, match=flag) as refused:
+        EvalHook(EvalHookConfig(), megatron_args(**changes))
+    assert "placement=async" in str(refused.value) and "megatron-eval backfill" in str(refused.value)
+
+
+def test_export_hf_is_refused_on_a_sharded_model_in_the_sync_placement(tmp_path):
+    with pytest.raises(ConfigError, match="export_hf"):
+        EvalHook(EvalHookConfig(export_hf=str(tmp_path)), megatron_args(tensor_model_parallel_size=2))
+
+
+@pytest.mark.parametrize(
+    "changes", [{"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}], ids=["TP=2", "PP=2"]
+)
+def test_tensor_and_pipeline_parallel_runs_are_accepted_in_the_sync_placement(tmp_path, demo_data, changes):
+    assert hook_on_demo_data(tmp_path, demo_data, **changes).placement.name == "sync"
+
+
+def test_sequence_parallelism_is_off_during_an_evaluation_and_restored_attribute_by_attribute(megatron_world):
+    from conftest import tiny_gpt
+
+    from megatron_eval_hook.placement.sync import sequence_parallel_off
+
+    model = tiny_gpt(16)
+    switched = [(m, "sequence_parallel") for m in model.modules() if hasattr(m, "sequence_parallel")]
+    switched += [(model.embedding, "reduce_scatter_embeddings"), (model.config, "sequence_parallel")]
+    assert len(switched) > 5
+    for owner, name in switched:
+        setattr(owner, name, True)
+    untouched = [m for m in model.modules() if hasattr(m, "sequence_parallel")][0]
+    untouched.sequence_parallel = "not a switch"  # only True is switched, and only True comes back
+    with sequence_parallel_off([model]):
+        assert all(getattr(owner, name) is False for owner, name in switched if owner is not untouched)
+        assert untouched.sequence_parallel == "not a switch"
+    assert all(getattr(owner, name) is True for owner, name in switched if owner is not untouched)
+    assert untouched.sequence_parallel == "not a switch"
 
 
 def test_a_run_that_never_saves_is_refused():
@@ -75,10 +109,7 @@ def test_a_save_made_because_of_the_exit_signal_is_skipped_with_the_reason(tmp_p
 
     hook = hook_on_demo_data(tmp_path, demo_data, exit_signal_handler=True)
     monkeypatch.setattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", SimpleNamespace(_signal_received=True), raising=False)
-    barriers = []
-    monkeypatch.setattr(hook, "_wait_for_evaluating_rank", lambda: barriers.append(1))
     hook.after_save(300, model=None)
-    assert barriers == [1]  # the other data-parallel ranks wait in the barrier: it must be joined
     (row,) = Ledger(tmp_path / "ledger.sqlite").results()
     assert (row["iteration"], row["benchmark"], row["status"]) == (300, "boolq", "skipped")
     assert "exit signal" in row["error"]

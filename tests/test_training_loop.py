@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
-from training_runs import FACTS, REPO, assert_exports_equal_the_checkpoints, ok, train
+from training_runs import FACTS, REPO, assert_exports_equal_the_checkpoints, ok, train, training_loss
 from wandb_offline import read_run, run_files, series
 
 from megatron_eval_hook.ledger import Ledger
 
 pytestmark = pytest.mark.slow
-
-
-def training_loss(tmp: Path) -> list[tuple[int, float]]:
-    (path,) = run_files(tmp / "wandb")
-    return series(read_run(path), "lm loss")
 
 
 def test_every_scheduled_save_is_evaluated_once_per_benchmark(hooked):

@@ -197,5 +197,13 @@ def scores(ledger: Path, iterations=None, placement=None) -> dict[tuple, float]:
     }
 
 
+def training_loss(tmp: Path) -> list[tuple[int, float]]:
+    """Megatron's training loss per iteration, read from the run's offline W&B files under `tmp/wandb`."""
+    from wandb_offline import read_run, run_files, series
+
+    (path,) = run_files(tmp / "wandb")
+    return series(read_run(path), "lm loss")
+
+
 def statuses(ledger: Path) -> list[tuple[int, str, str]]:
     return sorted((r["iteration"], r["benchmark"], r["status"]) for r in Ledger(ledger).results())
