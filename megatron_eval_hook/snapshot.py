@@ -162,3 +162,35 @@ def load_snapshot(gpt: Any, shards: Sequence[Shard], buffer: torch.Tensor) -> No
     partial = [f"{key} {offset}" for (key, offset), count in filled.items() if count != targets[key, offset].numel()]
     if partial:
         raise ValueError(f"the snapshot does not cover {len(partial)} tensor(s) of the model, e.g. {partial[:3]}")
+
+
+def _region(global_offset: Sequence[int], stacked: int, shape: Sequence[int]) -> tuple:
+    """Where a shard sits in its global tensor: its stacked indices, then a slice per axis."""
+    return tuple(global_offset[:stacked]) + tuple(
+        slice(start, start + size) for start, size in zip(global_offset[stacked:], shape)
+    )
+
+
+def whole_tensors(gpt: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of `gpt`, a GPTModel without tensor or pipeline parallelism, whole under its checkpoint
+    key (layers stacked), copied."""
+    whole: dict[str, torch.Tensor] = {}
+    for shard, tensor in main_replicas([gpt]):
+        target = whole.setdefault(shard.key, torch.zeros(shard.global_shape, dtype=shard.dtype))
+        target[_region(shard.global_offset, shard.stacked, shard.shape)] = tensor.detach()
+    return whole
+
+
+def load_whole(gpt: Any, whole: dict[str, torch.Tensor]) -> None:
+    """Fill this rank's part of `gpt` (any tensor and pipeline layout, replicas included) from whole
+    tensors by checkpoint key (`whole_tensors` of the same architecture)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = gpt.sharded_state_dict()
+    apply_factories(sharded)
+    with torch.no_grad():
+        for tensor in nested_values(sharded):
+            if isinstance(tensor, ShardedTensor) and not tensor.key.endswith("_extra_state"):
+                stacked = len(tensor.global_shape) - tensor.data.dim()
+                tensor.data.copy_(whole[tensor.key][_region(tensor.global_offset, stacked, tensor.data.shape)])

@@ -45,21 +45,6 @@ def sharded_model(tp: int = 1, pp: int = 1):
     ).eval()
 
 
-def full_weights(model) -> dict[str, torch.Tensor]:
-    """Every tensor of an unsharded model under its checkpoint key, whole (layers stacked)."""
-    from megatron_eval_hook.snapshot import main_replicas
-
-    full: dict[str, torch.Tensor] = {}
-    for shard, tensor in main_replicas([model]):
-        whole = full.setdefault(shard.key, torch.zeros(shard.global_shape, dtype=shard.dtype))
-        stacked = shard.stacked
-        where = tuple(shard.global_offset[:stacked]) + tuple(
-            slice(offset, offset + size) for offset, size in zip(shard.global_offset[stacked:], shard.shape)
-        )
-        whole[where] = tensor.detach()
-    return full
-
-
 QUESTION = "Q: Which colour is the sky? A:"
 # multiple-choice requests (a question with its answers), others sharing only part of a prefix, a duplicate
 SCORED = [QUESTION + answer for answer in (" blue", " green", " red", " grey")] + [

@@ -49,24 +49,6 @@ def trace_collectives(log: list) -> None:
         setattr(dist, name, traced)
 
 
-def fill(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Copy each of this rank's shards (checkpoint key, global offset) out of the full tensors."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sharded = model.sharded_state_dict()
-    apply_factories(sharded)
-    for tensor in nested_values(sharded):
-        if not isinstance(tensor, ShardedTensor) or tensor.key.endswith("_extra_state"):
-            continue
-        stacked = len(tensor.global_shape) - tensor.data.dim()
-        where = tuple(tensor.global_offset[:stacked]) + tuple(
-            slice(offset, offset + size) for offset, size in zip(tensor.global_offset[stacked:], tensor.data.shape)
-        )
-        with torch.no_grad():
-            tensor.data.copy_(full[tensor.key][where])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
@@ -80,6 +62,7 @@ def main() -> None:
 
     from megatron_eval_hook.engine import Engine
     from megatron_eval_hook.engine.sharded import Layout, Session, serve
+    from megatron_eval_hook.snapshot import load_whole
 
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(options.tp, options.pp)
@@ -95,7 +78,7 @@ def main() -> None:
 
         def build(case=case) -> Engine:
             model = sharded_model(options.tp, options.pp)
-            fill(model, weights)
+            load_whole(model, weights)
             case.before_build(layout)
             engine = Engine(
                 model, vocab_size=VOCAB, max_sequence_length=64, batch_size=3, end_of_text=VOCAB - 1, decode=decode,

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from cpu_run import torchrun_command
-from sharded_cases import INJECTED, VOCAB, decode, full_weights, generation_requests, scored, sharded_model
+from sharded_cases import INJECTED, VOCAB, decode, generation_requests, scored, sharded_model
 
 from megatron_eval_hook.engine import Engine, RequestTooLong
+from megatron_eval_hook.snapshot import whole_tensors
 
 WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
 
@@ -34,7 +35,7 @@ def reference(megatron_world, tmp_path_factory):
     """The unsharded model, its weights saved by checkpoint key, and its engine."""
     model = sharded_model()
     path = tmp_path_factory.mktemp("weights") / "weights.pt"
-    torch.save(full_weights(model), path)
+    torch.save(whole_tensors(model), path)
     engine = Engine(model, vocab_size=VOCAB, max_sequence_length=64, batch_size=3, end_of_text=VOCAB - 1, decode=decode)
     return engine, path
 
