@@ -262,14 +262,16 @@ def make_ours(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Any:
     from megatron_eval_hook.engine import Engine
     from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer
 
+    text = MegatronTokenizer(tokenizer)
     engine = Engine(
         model,
         vocab_size=tokenizer.vocab_size,
         max_sequence_length=CONTEXT,
         batch_size=batch_size,
         end_of_text=tokenizer.eod,
+        decode=text.decode,
     )
-    return InProcessModel(engine, MegatronTokenizer(tokenizer))
+    return InProcessModel(engine, text)
 
 
 def export_hf(model: torch.nn.Module, data: Data, tokenizer: Any, folder: Path) -> Path:

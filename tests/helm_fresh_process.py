@@ -35,7 +35,14 @@ def main(spec_path: str) -> None:
     gpt = tiny_gpt(tokenizer.vocab_size, max_sequence_length=window)
     gpt.load_state_dict(torch.load(spec["weights"]))
     model = InProcessModel(
-        Engine(gpt, vocab_size=tokenizer.vocab_size, max_sequence_length=window, batch_size=16), tokenizer
+        Engine(
+            gpt,
+            vocab_size=tokenizer.vocab_size,
+            max_sequence_length=window,
+            batch_size=16,
+            decode=tokenizer.decode,
+        ),
+        tokenizer,
     )
     register_model(spec["model_key"], model)
     suite = HelmSuite(

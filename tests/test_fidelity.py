@@ -130,7 +130,10 @@ def both_paths(trained_gpt2, demo_data, tmp_path_factory) -> Paths:
 
     tmp = tmp_path_factory.mktemp("fidelity")
     tokenizer = load_megatron_tokenizer(demo_data.vocab_file, demo_data.merge_file, demo_data.root)
-    engine = Engine(trained_gpt2, vocab_size=VOCAB, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod)
+    engine = Engine(
+        trained_gpt2, vocab_size=VOCAB, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod,
+        decode=MegatronTokenizer(tokenizer).decode,
+    )  # fmt: skip
     ours, specs = run_ours(engine, tokenizer, ENTRIES, "fidelity", tmp / "ours", demo_data.helm_dir)
     folder = tmp / "hf"
     hf_tokenizer = gpt2_tokenizer(demo_data.vocab_file, demo_data.merge_file)
@@ -303,8 +306,9 @@ def test_an_engine_that_lets_padded_rows_in_fails_the_comparison(trained_gpt2, d
     tokenizer = both_paths.tokenizer
     padded = VOCAB + TRAINED_PADDING
     mutant = Engine(
-        trained_gpt2, vocab_size=padded, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod
-    )
+        trained_gpt2, vocab_size=padded, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod,
+        decode=MegatronTokenizer(tokenizer).decode,
+    )  # fmt: skip
     separate = [entry for entry in ENTRIES if "separate" in entry]
     runs, specs = run_ours(mutant, tokenizer, separate, "fidelity-mutant", tmp_path, demo_data.helm_dir)
     references = [spec for spec in both_paths.specs if is_separate(spec)]

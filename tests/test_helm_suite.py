@@ -25,9 +25,15 @@ class CountingEngine(Engine):
 
     forwards = 0
 
-    def _forward(self, *args):
-        CountingEngine.forwards += 1
-        return super()._forward(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        backend = self.backend
+
+        def counted(*args, **kwargs):
+            CountingEngine.forwards += 1
+            return backend(*args, **kwargs)
+
+        self.backend = counted
 
 
 def suite_for(
@@ -46,7 +52,13 @@ def suite_for(
 @pytest.fixture
 def in_process(gpt, char_tokenizer):
     model = InProcessModel(
-        CountingEngine(gpt, vocab_size=char_tokenizer.vocab_size, max_sequence_length=1024, batch_size=16),
+        CountingEngine(
+            gpt,
+            vocab_size=char_tokenizer.vocab_size,
+            max_sequence_length=1024,
+            batch_size=16,
+            decode=char_tokenizer.decode,
+        ),
         char_tokenizer,
     )
     register_model("suite-test", model)
@@ -146,7 +158,14 @@ def metrics_of(outcomes) -> dict:
 
 def in_process_model(gpt, tokenizer, key="suite-test", window=1024) -> InProcessModel:
     model = InProcessModel(
-        Engine(gpt, vocab_size=CharTokenizer.vocab_size, max_sequence_length=window, batch_size=16), tokenizer
+        Engine(
+            gpt,
+            vocab_size=CharTokenizer.vocab_size,
+            max_sequence_length=window,
+            batch_size=16,
+            decode=tokenizer.decode,
+        ),
+        tokenizer,
     )
     register_model(key, model)
     return model
