@@ -276,27 +276,3 @@ def backfill_schedule(config: EvalHookConfig, start: int | None, end: int | None
     if schedule.end is not None and schedule.end < schedule.start:
         raise ConfigError(f"--end {schedule.end} is before --start {schedule.start}. Fix: use --end >= --start.")
     return schedule
-
-
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a line is logged."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
-        super().emit(record)
-
-
-def log_to_stdout(fmt: str) -> None:
-    """The evaluation's own lines on stdout; libraries' import-time warnings and INFO chatter off."""
-    import warnings
-
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module="(megatron|torch)")
-    for name in ("absl", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if not logger.handlers:
-        handler = _CurrentStdout()
-        handler.setFormatter(logging.Formatter(fmt))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False

@@ -226,9 +226,10 @@ def _cli_config(args: argparse.Namespace):
 
 
 def _backfill(args: argparse.Namespace) -> int:
-    from megatron_eval_hook.backfill import Backfill, backfill_schedule, log_to_stdout
+    from megatron_eval_hook.backfill import Backfill, backfill_schedule
     from megatron_eval_hook.checkpoints import CheckpointError, check_save_dir
     from megatron_eval_hook.config import ConfigError
+    from megatron_eval_hook.log import log_to_stdout
 
     command = "megatron-eval backfill"
     try:
@@ -240,7 +241,7 @@ def _backfill(args: argparse.Namespace) -> int:
     except (CheckpointError, ConfigError) as error:
         print(f"{command}: {error}", file=sys.stderr)
         return 2
-    log_to_stdout("[backfill] %(message)s")
+    log_to_stdout("[backfill]", quiet_libraries=True)
     import torch
 
     if not torch.cuda.is_available():

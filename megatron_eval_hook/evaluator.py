@@ -139,7 +139,6 @@ class Evaluator:
         self._ids = list(self._open.values())
         try:
             gpt, tokenizer = model()
-            gpt.eval()
             if self.export is not None:
                 self._export(gpt, iteration)
             engine = build_engine(gpt, tokenizer, self.config, self.max_sequence_length)

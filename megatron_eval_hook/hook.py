@@ -2,35 +2,26 @@
 
 Megatron has no callback API. Its training loop calls `save_checkpoint` through the name it
 imported into `megatron.training.training`, and ADLR autoresume through the one in
-`megatron.training.checkpointing`; `install_hook` wraps both. The wrapper fires on every rank
-after each save and asks the hook whether this save is to be evaluated.
+`megatron.training.checkpointing`; `install_hook` wraps both, and `training_log`. The wrappers fire
+on every rank; the hook decides which saves the schedule selects and hands each to the placement
+(`placement/__init__.py`): at a selected save, after each training log step, and at the end of
+training (the run's last save, at --train-iters, after `train` returns when off the save grid, or at
+--exit-interval; or a save made on the job's exit signal).
 
-Sync placement: the last rank (the one Megatron gives its W&B run) runs HELM, and every rank computes
-its answers on the weights as training shards them (tensor and pipeline parallelism), the requests split
-across the data-parallel replicas (`placement/sync.py`). The ranks talk over a gloo group of the hook's
-own with a long timeout, so no training collective can time out.
+Sync placement (`placement/sync.py`): the last rank (the one Megatron gives its W&B run) runs HELM,
+and every rank computes its answers on the weights as training shards them (tensor and pipeline
+parallelism), the requests split across the data-parallel replicas; training waits.
 
-Async placement: every rank copies its shards of the weights into host memory and goes on
-(`placement/async_eval.py`). The hook also wraps `training_log`, to log the scores that arrive
-between iterations. The run's last save (at --train-iters, after `train` returns when off the
-save grid, or at --exit-interval) lets the pending evaluations finish; a job stopping on its exit
-signal or --exit-duration-in-mins records them as not done (`megatron-eval backfill` evaluates
-them later).
-"""
+Async placement (`placement/async_eval.py`): every rank copies its shards of the weights into host
+memory and goes on; the scores that arrive are logged between iterations. The end of training lets
+the pending evaluations finish; a job stopping on its exit signal or --exit-duration-in-mins records
+them as not done (`megatron-eval backfill` evaluates them later)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import random
-import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-import torch
 
 from megatron_eval_hook.checkpoints import is_last_save, tokens_seen
 from megatron_eval_hook.config import (
@@ -42,22 +33,16 @@ from megatron_eval_hook.config import (
     resolve_run_name,
 )
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
-from megatron_eval_hook.ledger import Ledger
+from megatron_eval_hook.log import log_to_stdout
+from megatron_eval_hook.placement import Placement, SaveEvent
 from megatron_eval_hook.placement.async_eval import AsyncPlacement
-from megatron_eval_hook.placement.sync import SyncPlacement, sequence_parallel_off
+from megatron_eval_hook.placement.sync import SyncPlacement
 
 logger = logging.getLogger("megatron_eval_hook")
 
+PLACEMENTS: dict[str, type] = {"sync": SyncPlacement, "async": AsyncPlacement}
+
 _ACTIVE: EvalHook | None = None  # the hook the installed wrappers call
-
-
-@dataclass(frozen=True)
-class SaveEvent:
-    """One persistent save, as the hook sees it."""
-
-    iteration: int
-    final: bool  # the run's last save
-    tokens: int | None  # training tokens consumed so far
 
 
 def install_hook(args: Any, config: EvalHookConfig | None = None) -> EvalHook | None:
@@ -71,24 +56,14 @@ def install_hook(args: Any, config: EvalHookConfig | None = None) -> EvalHook | 
         return _ACTIVE  # installed already for these arguments (patched script run through the launcher)
     if config is None:
         config = load_config(args.eval_hook_config, args.eval_hook_override or [])
-    _setup_logging()
+    log_to_stdout("[eval-hook]")
     if not config.enabled:
         logger.info("eval hook: disabled by %s (enabled: false)", args.eval_hook_config)
         return None
     _ACTIVE = EvalHook(config, args)
     _wrap_save_checkpoint()
-    if isinstance(_ACTIVE.placement, AsyncPlacement):
-        _wrap_training_log()
+    _wrap_training_log()
     return _ACTIVE
-
-
-def _setup_logging() -> None:
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[eval-hook] %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def _wrap_save_checkpoint() -> None:
@@ -112,7 +87,7 @@ def _wrap_save_checkpoint() -> None:
 
 
 def _wrap_training_log() -> None:
-    """After each `training_log` (once per iteration, on every rank) the hook logs a score that arrived."""
+    """After each `training_log` (once per iteration, on every rank) the placement may log a score that arrived."""
     import megatron.training.training as training
 
     original = training.training_log
@@ -152,27 +127,19 @@ class EvalHook:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
             raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: benchmarks: {error}") from error
-        common = dict(
+        self.placement: Placement = PLACEMENTS[config.placement](
+            config,
+            benchmarks,
             run=self.run,
             output_dir=self.output_dir,
+            ledger_path=self.ledger_path,
             max_sequence_length=config.engine.max_sequence_length or args.seq_length,
             megatron_args=args,
             config_path=args.eval_hook_config,
+            rank=self.rank,
+            world_size=self.world_size,
+            evaluating_rank=self.evaluating_rank,
         )
-        if config.placement == "async":
-            self.placement = AsyncPlacement(
-                config,
-                benchmarks,
-                ledger_path=self.ledger_path,
-                rank=self.rank,
-                world_size=self.world_size,
-                evaluating_rank=self.evaluating_rank,
-                **common,
-            )
-        else:
-            self._check_parallelism(args)
-            ledger = Ledger(self.ledger_path) if self.is_evaluating_rank else None
-            self.placement = SyncPlacement(config, benchmarks, ledger=ledger, **common)
         self._evaluated: set[int] = set()
         if self.is_evaluating_rank:
             logger.info(
@@ -186,29 +153,6 @@ class EvalHook:
     @property
     def is_evaluating_rank(self) -> bool:
         return self.rank == self.evaluating_rank
-
-    def _check_parallelism(self, args: Any) -> None:
-        """The layouts the sync placement cannot evaluate on yet, refused before the first iteration."""
-        refused = {
-            "--context-parallel-size": (getattr(args, "context_parallel_size", 1) or 1) > 1,
-            "--virtual-pipeline-model-parallel-size (interleaved pipeline)": getattr(
-                args, "virtual_pipeline_model_parallel_size", None
-            )
-            is not None,
-            "--num-experts (mixture of experts)": bool(getattr(args, "num_experts", None)),
-            "--expert-model-parallel-size": (getattr(args, "expert_model_parallel_size", 1) or 1) > 1,
-        }
-        sharded = (getattr(args, "tensor_model_parallel_size", 1) or 1) * (
-            getattr(args, "pipeline_model_parallel_size", 1) or 1
-        ) > 1
-        refused["export_hf with --tensor/--pipeline-model-parallel-size > 1"] = sharded and bool(self.config.export_hf)
-        flags = [flag for flag, bad in refused.items() if bad]
-        if flags:
-            raise ConfigError(
-                f"the sync placement does not evaluate this layout yet: {', '.join(flags)}. Fix: placement=async "
-                "(its eval process assembles the whole model on a spare device), or evaluate the saved "
-                "checkpoints afterwards with `megatron-eval backfill`."
-            )
 
     def _check_schedule(self, args: Any) -> None:
         schedule, interval = self.config.schedule, args.save_interval
@@ -233,51 +177,25 @@ class EvalHook:
         (but for KeyboardInterrupt/SystemExit)."""
         if non_persistent or getattr(self.args, "ckpt_convert_format", None):
             return  # not a training checkpoint: a non-persistent save, or a format-conversion job
-        event = SaveEvent(iteration, is_last_save(self.args, iteration), tokens_seen(self.args))
-        if iteration in self._evaluated or not self.config.schedule.selects(iteration, event.final):
-            return
-        self._evaluated.add(iteration)
-        if isinstance(self.placement, AsyncPlacement):
-            self._snapshot(event, model)
-            return
-        started = time.perf_counter()
-        evaluated = False
-        try:
-            # A preempted job saves and must stop within its grace period: do not spend it here. The
-            # evaluating rank decides; every rank learns it.
-            reason = self.placement.agree_on_skip(
-                "the job received its exit signal (e.g. preemption) and is stopping; "
-                "evaluating now could outlast the grace period"
-                if self.is_evaluating_rank and self._exiting_on_signal()
-                else None
-            )
-            if reason is not None:
-                if self.is_evaluating_rank:
-                    self.placement.skip(event, reason)
-            else:
-                evaluated = self.is_evaluating_rank
-                with preserved_training_state(model), sequence_parallel_off(model):
-                    self.placement.evaluate(event, model)
-        except Exception:  # an evaluation must never kill training; the placement recorded the failure
-            logger.exception("evaluation at iteration %d failed", iteration)
-        if evaluated:
-            self.placement.publish(event, blocked_s=time.perf_counter() - started)
-
-    def _snapshot(self, event: SaveEvent, model: Any) -> None:
-        """Async placement, every rank: hand this save's weights to the eval process. At the run's last
-        save, let the pending evaluations finish; on the exit signal, record them as not done."""
-        exiting = self._exiting_on_signal()
-        try:
-            self.placement.submit(event.iteration, event.tokens, model, exiting=exiting)
-        except Exception:  # an evaluation must never kill training
-            logger.exception("snapshot at iteration %d failed", event.iteration)
-        if event.final or exiting:
-            self.placement.finish(exiting=exiting)
+        event = SaveEvent(
+            iteration, is_last_save(self.args, iteration), tokens_seen(self.args), self._exiting_on_signal()
+        )
+        if iteration not in self._evaluated and self.config.schedule.selects(iteration, event.final):
+            self._evaluated.add(iteration)
+            self._guarded(self.placement.at_save, event, model)
+        if event.final or event.exiting:
+            self._guarded(self.placement.at_end, event.exiting)
 
     def after_log(self) -> None:
-        """Async placement: log a score that arrived (main thread, between iterations)."""
-        if isinstance(self.placement, AsyncPlacement):
-            self.placement.publish(at_most=1)
+        """Called on every rank after each of Megatron's `training_log` calls."""
+        self._guarded(self.placement.at_log)
+
+    @staticmethod
+    def _guarded(call, *args) -> None:
+        try:
+            call(*args)
+        except Exception:  # an evaluation must never kill training
+            logger.exception("eval hook: %s failed", call.__name__)
 
     def _exiting_on_signal(self) -> bool:
         """Whether Megatron's exit-signal handler (--exit-signal-handler) caught its signal here."""
@@ -287,47 +205,3 @@ class EvalHook:
 
         handler = getattr(global_vars, "_GLOBAL_SIGNAL_HANDLER", None)
         return bool(getattr(handler, "_signal_received", False))
-
-
-@contextmanager
-def preserved_training_state(model: Any):
-    """Evaluate with the model in eval mode and every RNG untouched, then put training back
-    exactly as it was: train mode, and the Python, NumPy, torch (CPU and CUDA) and Megatron
-    model-parallel RNG states, so training continues bit-identically."""
-    chunks = model if isinstance(model, list) else [model]
-    modes = [chunk.training for chunk in chunks]
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = _cuda_rng_states()
-    tracker_states = _megatron_rng_states()
-    try:
-        yield
-    finally:
-        for chunk, mode in zip(chunks, modes):
-            chunk.train(mode)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        if tracker_states is not None:
-            from megatron.core import tensor_parallel
-
-            tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
-
-
-def _cuda_rng_states():
-    if not torch.cuda.is_available():
-        return None
-    try:
-        return torch.cuda.get_rng_state_all()
-    except (AssertionError, RuntimeError):  # torch built without CUDA behind CPU shims
-        return None
-
-
-def _megatron_rng_states():
-    from megatron.core import tensor_parallel
-
-    try:
-        return tensor_parallel.get_cuda_rng_tracker().get_states()
-    except Exception:  # no tracker initialised (e.g. a model built outside Megatron's initialisation)
-        return None

@@ -121,7 +121,7 @@ def test_training_state_comes_back_after_an_evaluation_that_used_every_rng(gpt):
     import numpy as np
     import torch
 
-    from megatron_eval_hook.hook import preserved_training_state
+    from megatron_eval_hook.placement.sync import preserved_training_state
 
     def seed_everything():
         random.seed(1)

@@ -39,6 +39,7 @@ import megatron_eval_hook
 from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.ledger import Ledger
+from megatron_eval_hook.placement import SaveEvent
 from megatron_eval_hook.placement.slots import Slot, Slots
 from megatron_eval_hook.placement.sync import unwrap_chunks
 from megatron_eval_hook.placement.worker import Job
@@ -217,6 +218,21 @@ class AsyncPlacement:
         return self.rank == self.evaluating_rank
 
     # --- the training side: every rank, in the training loop ---
+
+    def at_save(self, event: SaveEvent, model: Any) -> None:
+        """Every rank: snapshot the weights just saved; training goes on while the eval process evaluates."""
+        try:
+            self.submit(event.iteration, event.tokens, model, exiting=event.exiting)
+        except Exception:  # an evaluation must never kill training
+            logger.exception("snapshot at iteration %d failed", event.iteration)
+
+    def at_log(self) -> None:
+        """Log a score that arrived (the last rank's main thread, between iterations)."""
+        self.publish(at_most=1)
+
+    def at_end(self, exiting: bool) -> None:
+        """Let the pending evaluations finish; on the exit signal (`exiting`), record them as not done."""
+        self.finish(exiting=exiting)
 
     def submit(self, iteration: int, tokens: int | None, model: Any, exiting: bool = False) -> float:
         """Copy this rank's shards of `model` (Megatron's model chunks) into host memory and queue the

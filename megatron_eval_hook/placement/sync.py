@@ -10,20 +10,27 @@ calls until the evaluation ends. Sequence parallelism is off meanwhile (`sequenc
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from megatron_eval_hook.config import EvalHookConfig
+from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.engine.sharded import Layout, Session, serve
 from megatron_eval_hook.evaluator import Evaluator, build_engine
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.ledger import Ledger
+from megatron_eval_hook.placement import SaveEvent
 from megatron_eval_hook.sinks import training_sinks
+
+logger = logging.getLogger("megatron_eval_hook")
 
 
 def unwrap_chunks(model: Any) -> list[Any]:
@@ -78,23 +85,27 @@ class SyncPlacement:
         *,
         run: str,
         output_dir: Path,
-        ledger: Ledger | None,
+        ledger_path: Path,
         max_sequence_length: int,
         megatron_args: Any,
         config_path: str,
+        rank: int,
+        world_size: int,
+        evaluating_rank: int,
     ):
+        refuse_unsupported_layouts(megatron_args, config)
         self.config = config
         self.max_sequence_length = max_sequence_length
         self._layout: Layout | None = None
         self.evaluator: Evaluator | None = None
-        if ledger is None:
-            return  # not the evaluating rank: it serves the evaluating rank's engine calls
+        if rank != evaluating_rank:
+            return  # it serves the evaluating rank's engine calls
         self.evaluator = Evaluator(
             config,
             benchmarks,
             run=run,
             output_dir=output_dir,
-            ledger=ledger,
+            ledger=Ledger(ledger_path),
             max_sequence_length=max_sequence_length,
             placement=self.name,
             sinks=training_sinks(config, run=run, output_dir=output_dir, megatron_args=megatron_args),
@@ -102,7 +113,38 @@ class SyncPlacement:
             megatron_args=megatron_args,
         )
 
-    def layout(self) -> Layout | None:
+    def at_save(self, event: SaveEvent, model: Any) -> None:
+        """Every rank: evaluate the weights just saved, or skip them when the job is stopping on its exit
+        signal (a preempted job must stop within its grace period: do not spend it here). The evaluating
+        rank decides the skip; every rank learns it. Training waits, then goes on as it was."""
+        started = time.perf_counter()
+        evaluated = False
+        try:
+            reason = self._agree_on_skip(
+                "the job received its exit signal (e.g. preemption) and is stopping; "
+                "evaluating now could outlast the grace period"
+                if self.evaluator is not None and event.exiting
+                else None
+            )
+            if reason is not None:
+                if self.evaluator is not None:
+                    self.evaluator.skip(event.iteration, event.tokens, reason)
+            else:
+                evaluated = self.evaluator is not None
+                with preserved_training_state(model), sequence_parallel_off(model):
+                    self._evaluate(event, model)
+        except Exception:  # an evaluation must never kill training; the evaluator recorded the failure
+            logger.exception("evaluation at iteration %d failed", event.iteration)
+        if evaluated:
+            self.evaluator.publish(event.iteration, blocked_s=time.perf_counter() - started)
+
+    def at_log(self) -> None:
+        """Nothing: the scores were logged at the save."""
+
+    def at_end(self, exiting: bool) -> None:
+        """Nothing: every evaluation ended at its save."""
+
+    def _layout_of_job(self) -> Layout | None:
         """This rank's place in a sharded evaluation; None in a job of one rank. Collective on every rank the
         first time (it creates the hook's group), which the first evaluated save is."""
         if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -111,20 +153,20 @@ class SyncPlacement:
             self._layout = Layout.of_megatron(torch.distributed.new_group(backend="gloo", timeout=GROUP_TIMEOUT))
         return self._layout
 
-    def agree_on_skip(self, reason: str | None) -> str | None:
+    def _agree_on_skip(self, reason: str | None) -> str | None:
         """Every rank: the evaluating rank's reason to skip this save (None: evaluate), which it alone decides."""
-        layout = self.layout()
+        layout = self._layout_of_job()
         if layout is None:
             return reason
         said = [reason]
         torch.distributed.broadcast_object_list(said, src=layout.driver, group=layout.group)
         return said[0]
 
-    def evaluate(self, event: Any, model: Any) -> None:
+    def _evaluate(self, event: SaveEvent, model: Any) -> None:
         """Every rank: evaluate the weights of `model` (Megatron's model chunks) saved at `event.iteration`."""
         from megatron.training import get_tokenizer
 
-        layout = self.layout()
+        layout = self._layout_of_job()
         if layout is not None and not layout.is_driver:
 
             def build():  # inside `serve`: whatever fails here is said to every rank
@@ -143,12 +185,70 @@ class SyncPlacement:
         with Session(layout) as session:
             self.evaluator.evaluate(event.iteration, event.tokens, model_and_tokenizer, serve=session.start)
 
-    def skip(self, event: Any, reason: str) -> None:
-        """Record every benchmark of the save at `event.iteration` as skipped, with `reason`."""
-        assert self.evaluator is not None
-        self.evaluator.skip(event.iteration, event.tokens, reason)
 
-    def publish(self, event: Any, blocked_s: float) -> None:
-        """Record the time training was blocked; log the readable line and the W&B row."""
-        if self.evaluator is not None:
-            self.evaluator.publish(event.iteration, blocked_s=blocked_s)
+def refuse_unsupported_layouts(args: Any, config: EvalHookConfig) -> None:
+    """The layouts the sync placement cannot evaluate on yet, refused before the first iteration."""
+    refused = {
+        "--context-parallel-size": (getattr(args, "context_parallel_size", 1) or 1) > 1,
+        "--virtual-pipeline-model-parallel-size (interleaved pipeline)": getattr(
+            args, "virtual_pipeline_model_parallel_size", None
+        )
+        is not None,
+        "--num-experts (mixture of experts)": bool(getattr(args, "num_experts", None)),
+        "--expert-model-parallel-size": (getattr(args, "expert_model_parallel_size", 1) or 1) > 1,
+    }
+    sharded = (getattr(args, "tensor_model_parallel_size", 1) or 1) * (
+        getattr(args, "pipeline_model_parallel_size", 1) or 1
+    ) > 1
+    refused["export_hf with --tensor/--pipeline-model-parallel-size > 1"] = sharded and bool(config.export_hf)
+    flags = [flag for flag, bad in refused.items() if bad]
+    if flags:
+        raise ConfigError(
+            f"the sync placement does not evaluate this layout yet: {', '.join(flags)}. Fix: placement=async "
+            "(its eval process assembles the whole model on a spare device), or evaluate the saved "
+            "checkpoints afterwards with `megatron-eval backfill`."
+        )
+
+
+@contextmanager
+def preserved_training_state(model: Any):
+    """Evaluate with the model in eval mode and every RNG untouched, then put training back
+    exactly as it was: train mode, and the Python, NumPy, torch (CPU and CUDA) and Megatron
+    model-parallel RNG states, so training continues bit-identically."""
+    chunks = model if isinstance(model, list) else [model]
+    modes = [chunk.training for chunk in chunks]
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = _cuda_rng_states()
+    tracker_states = _megatron_rng_states()
+    try:
+        yield
+    finally:
+        for chunk, mode in zip(chunks, modes):
+            chunk.train(mode)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if tracker_states is not None:
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
+
+
+def _cuda_rng_states():
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.get_rng_state_all()
+    except (AssertionError, RuntimeError):  # torch built without CUDA behind CPU shims
+        return None
+
+
+def _megatron_rng_states():
+    from megatron.core import tensor_parallel
+
+    try:
+        return tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # no tracker initialised (e.g. a model built outside Megatron's initialisation)
+        return None

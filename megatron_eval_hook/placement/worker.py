@@ -82,12 +82,12 @@ def serve(connection: Connection, device: str) -> None:
     init = connection.recv()
     from megatron_eval_hook.config import EvalHookConfig
     from megatron_eval_hook.evaluator import Evaluator
-    from megatron_eval_hook.hook import _setup_logging
     from megatron_eval_hook.ledger import Ledger
     from megatron_eval_hook.loading import CheckpointModel
+    from megatron_eval_hook.log import log_to_stdout
     from megatron_eval_hook.snapshot import SharedBuffer, load_snapshot
 
-    _setup_logging()
+    log_to_stdout("[eval-hook]")
     config: EvalHookConfig = init["config"]
     try:
         evaluator = Evaluator(
