@@ -1,5 +1,6 @@
-"""The engine's core attention (`FastAttention`), swapped in for each layer's own during a call: attention over
-prefix trees packed without padding, and decoding against a key/value cache."""
+"""The engine's core attention (`FastAttention`), swapped in for each layer's own during a call, and the plans
+of its passes: attention over prefix trees packed without padding (`Trees`), and decoding against a
+key/value cache (`Decoding`)."""
 
 from __future__ import annotations
 
@@ -18,64 +19,82 @@ from megatron_eval_hook.engine.plan import _PackedRow
 PADDED_BATCH_BYTES = 256 << 20
 
 
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # keys, values [groups, positions, d]
+
+
+@dataclass
+class Trees:
+    """The plan of a pass over prefix trees: the pass's positions are one sequence (b = 1) holding the trees
+    one after the other, with no padding for the layers' matmuls to compute. Each node sees every position of
+    its layer's trunk, when there is one, then itself and its ancestors.
+
+    With `rows` (each tree's first position and mask) attention runs tree by tree, computing no padding: the
+    CPU's choice. With `padded` (`tree_batches`) it runs on batches of trees of similar sizes gathered into
+    padded rows: a few kernel calls per layer instead of a few per tree, for a GPU, where launches cost more
+    than the padding's arithmetic. With `kept` (an empty dict), each layer leaves the pass's keys and values
+    [positions, groups, d] there under its index, for the engine to cache."""
+
+    rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, t + n] True: sees
+    padded: tuple[list[_TreeBatch], torch.Tensor] | None = None  # the batches, each position's place in them
+    trunks: Sequence[KeysValues] | None = None  # one per layer
+    kept: dict[int, KeysValues] | None = None
+
+
+@dataclass
+class Decoding:
+    """The plan of a decoding step: batch row i is row i of each layer's cache, feeding one token.
+
+    A layer's cache holds each request's prompt part (after the trunk), padded to a common width, and apart
+    from it its generated tokens: every row writes its new key and value at `step`, and attends to the trunk,
+    its prompt part except the `padding`, and its generated tokens up to there. (Apart, the prompt parts are
+    read whole, as one block of memory: the NarrativeQA bench call's decoding matmuls took 4.87 s, 5.48 s as
+    slices of rows holding both.)"""
+
+    caches: Sequence[tuple[torch.Tensor, ...]]  # per layer: prompt keys, values [rows, groups, width, d];
+    # generated keys, values [rows, groups, steps, d]
+    padding: torch.Tensor  # [rows, 1, 1, width] True where a prompt part has no key
+    step: int
+    trunks: Sequence[KeysValues] | None = None  # one per layer
+
+
 class FastAttention(torch.nn.Module):
-    """Core attention for the engine's forward passes, in place of a layer's own.
+    """Core attention for the engine's forward passes, in place of a layer's own: the `layer`-th of this
+    rank's attention layers.
 
-    Takes Megatron's core-attention arguments: query [sq, b, heads, d], key and value
-    [sk, b, groups, d] (positions already applied); the masks are the engine's, set between
-    forward passes with the kind of call:
+    Takes Megatron's core-attention arguments: query [sq, b, heads, d], key and value [sk, b, groups, d]
+    (positions already applied), and in place of the attention mask the pass's plan, which Megatron hands
+    down unchanged from the model's `attention_mask` argument: `Trees` or `Decoding`. The module holds
+    nothing between calls."""
 
-    - trees (`rows` or `padded` set): the call's positions are one sequence (b = 1) holding prefix
-      trees one after the other, with no padding for the layer's matmuls to compute. Each node sees
-      every position of `trunk` when one is set, then itself and its ancestors. With `rows` (each
-      tree's first position and mask) attention runs tree by tree, computing no padding: the CPU's
-      choice. With `padded` it runs on batches of trees of similar sizes, gathered into padded rows:
-      a few kernel calls per layer instead of a few per tree, for a GPU, where launches cost more
-      than the padding's arithmetic. With `keep`, the call's keys and values stay in `fresh` for the
-      engine to cache.
-    - decoding (`padding` set): batch row i is row i of `cache`, feeding one token. The cache holds
-      each request's prompt part (after the trunk), padded to a common width, and apart from it its
-      generated tokens: every row writes its new key and value at the same `step`, and attends to
-      the trunk, its prompt part except the padding, and its generated tokens up to there. The
-      engine advances `step` between steps. (Apart, the prompt parts are read whole, as one block
-      of memory: the NarrativeQA bench call's decoding matmuls took 4.87 s, 5.48 s as slices of rows
-      holding both.)
-    """
-
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, layer: int):
         super().__init__()
         self.scale = scale
-        self.trunk: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [groups, t, d]
-        self.keep = False
-        self.rows: list[tuple[int, torch.Tensor]] | None = None  # first position, [1, 1, n, t + n] True: sees
-        # in place of `rows`: the trees in padded batches of similar sizes, and each position's place in their outputs
-        self.padded: tuple[list[_TreeBatch], torch.Tensor] | None = None
-        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [positions, groups, d]
-        # prompt keys, values [rows, groups, width, d]; generated keys, values [rows, groups, steps, d]
-        self.cache: tuple[torch.Tensor, ...] | None = None
-        self.padding: torch.Tensor | None = None  # [rows, 1, 1, width] True where a prompt part has no key
-        self.step = 0
+        self.layer = layer
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
+        plan = attention_mask
         if attention_bias is not None:
             raise ValueError("attention bias is not supported by the evaluation engine's attention")
-        if self.padding is not None:
-            return self._decode(query, key, value)
+        if isinstance(plan, Decoding):
+            return self._decode(plan, query, key, value)
+        if not isinstance(plan, Trees):
+            raise TypeError(f"the engine's attention runs the engine's plans, not {type(plan).__name__}")
         positions, _, heads, dim = query.shape
         query, key, value = query[:, 0], key[:, 0], value[:, 0]  # [positions, heads or groups, d]
-        if self.keep:
-            self.fresh = key, value
-        if self.padded is not None:
-            return self._attend_padded(query, key, value).view(positions, 1, heads * dim)
+        trunk = plan.trunks[self.layer] if plan.trunks is not None else None
+        if plan.kept is not None:
+            plan.kept[self.layer] = key, value
+        if plan.padded is not None:
+            return self._attend_padded(plan.padded, trunk, query, key, value).view(positions, 1, heads * dim)
         shared = 0
-        if self.trunk is not None:  # each tree's keys go after the trunk's, copied there once per call
-            shared = self.trunk[0].shape[1]
-            longest = max(allowed.shape[-2] for _, allowed in self.rows)
-            buffers = [part.new_empty(1, part.shape[0], shared + longest, dim) for part in self.trunk]
-            for buffer, part in zip(buffers, self.trunk):
+        if trunk is not None:  # each tree's keys go after the trunk's, copied there once per call
+            shared = trunk[0].shape[1]
+            longest = max(allowed.shape[-2] for _, allowed in plan.rows)
+            buffers = [part.new_empty(1, part.shape[0], shared + longest, dim) for part in trunk]
+            for buffer, part in zip(buffers, trunk):
                 buffer[0, :, :shared] = part
         outs = []
-        for first, allowed in self.rows:
+        for first, allowed in plan.rows:
             length = allowed.shape[-2]
             q, k, v = (t[first : first + length].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
             if shared:
@@ -88,43 +107,42 @@ class FastAttention(torch.nn.Module):
             outs.append(out[0].transpose(0, 1))  # [length, heads, d]
         return torch.cat(outs).view(positions, 1, heads * dim)
 
-    def _attend_padded(self, query, key, value):
+    def _attend_padded(self, padded, trunk, query, key, value):
         """One attention call per batch of trees: each tree gathered into a row of [trees, longest], its keys
         after the trunk's, the padding masked by the batch's bias; the outputs go back to the pass's positions."""
-        batches, scatter = self.padded
+        batches, scatter = padded
         outs = []
         for batch in batches:
             trees, length = batch.gather.shape
             q, k, v = (t[batch.gather].transpose(1, 2) for t in (query, key, value))  # [trees, heads or groups, n, d]
-            if self.trunk is not None:
-                k, v = (
-                    torch.cat([part.expand(trees, *part.shape), own], dim=2) for part, own in zip(self.trunk, (k, v))
-                )
+            if trunk is not None:
+                k, v = (torch.cat([part.expand(trees, *part.shape), own], dim=2) for part, own in zip(trunk, (k, v)))
             out = torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, attn_mask=batch.bias, scale=self.scale, enable_gqa=k.shape[1] != q.shape[1]
             )
             outs.append(out.transpose(1, 2).reshape(trees * length, -1))
         return (outs[0] if len(outs) == 1 else torch.cat(outs))[scatter]
 
-    def _decode(self, query, key, value):
+    def _decode(self, plan: Decoding, query, key, value):
         """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
         a matmul of their own; the trunk, the prompt parts and the generated tokens share one softmax
         (scores in float32, as eager attention)."""
-        prompt_keys, prompt_values, new_keys, new_values = self.cache
+        prompt_keys, prompt_values, new_keys, new_values = plan.caches[self.layer]
+        trunk = plan.trunks[self.layer] if plan.trunks is not None else None
         rows, groups, width, dim = prompt_keys.shape
         heads = query.shape[2]
-        new_keys[:, :, self.step] = key[0]
-        new_values[:, :, self.step] = value[0]
-        new_keys, new_values = new_keys[:, :, : self.step + 1], new_values[:, :, : self.step + 1]
+        new_keys[:, :, plan.step] = key[0]
+        new_values[:, :, plan.step] = value[0]
+        new_keys, new_values = new_keys[:, :, : plan.step + 1], new_values[:, :, : plan.step + 1]
         # the scale is applied to the query: exact when it is a power of two (1/8 for 64-wide heads)
         query = (query[0] * self.scale).reshape(rows, groups, heads // groups, dim)
         # [rows, groups, heads/groups, keys] as keys x query: the sums of query x keys^T, faster batched
         by_key = query.transpose(-1, -2)
-        prompt_scores = torch.matmul(prompt_keys, by_key).transpose(-1, -2).masked_fill_(self.padding, -math.inf)
+        prompt_scores = torch.matmul(prompt_keys, by_key).transpose(-1, -2).masked_fill_(plan.padding, -math.inf)
         parts = [prompt_scores, torch.matmul(new_keys, by_key).transpose(-1, -2)]
         shared = 0
-        if self.trunk is not None:
-            trunk_keys, trunk_values = self.trunk
+        if trunk is not None:
+            trunk_keys, trunk_values = trunk
             shared = trunk_keys.shape[1]
             by_group = query.permute(1, 0, 2, 3).reshape(groups, -1, dim)  # [groups, rows * heads/groups, d]
             trunk_scores = torch.matmul(by_group, trunk_keys.transpose(-1, -2))

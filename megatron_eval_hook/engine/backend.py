@@ -127,8 +127,8 @@ class LocalBackend:
     @torch.no_grad()
     def __call__(self, tokens, positions, masked, rows, columns, read: Read | None) -> tuple[torch.Tensor, ...]:
         """What `read` takes at the positions (rows[i], columns[i]) of a pass over `tokens` and `positions`
-        [b, s]. `masked` [b, 1, s, s] is True where a query must not attend (Megatron's attention); None
-        under the engine's own attention, which has its masks already."""
+        [b, s]. `masked`: Megatron's attention mask [b, 1, s, s], True where a query must not attend; or, under
+        the engine's own attention, the plan of the pass (`attention.Trees`, `attention.Decoding`)."""
         return self.model(
             tokens,
             positions,

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from megatron_eval_hook.allocator import keep_freed_memory
-from megatron_eval_hook.engine.attention import FastAttention, tree_batches
+from megatron_eval_hook.engine.attention import Decoding, FastAttention, KeysValues, Trees, tree_batches
 from megatron_eval_hook.engine.backend import GREEDY, Targets, backend_for
 from megatron_eval_hook.engine.cpu import fast_linears, onednn_linear
 from megatron_eval_hook.engine.plan import (
@@ -86,7 +86,7 @@ class _Trunk:
     """A decoding group's common trunk and, per layer, its keys and values ([groups, t, d] each)."""
 
     tokens: list[int] = field(default_factory=list)
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    layers: list[KeysValues] = field(default_factory=list)
 
 
 class Engine:
@@ -163,19 +163,19 @@ class Engine:
         return fast_linears(self.model, self.linear)
 
     @contextmanager
-    def _fast_attention(self) -> Iterator[list[FastAttention]]:
-        """Swap every layer's core attention for a `FastAttention` for the duration of the block."""
+    def _fast_attention(self) -> Iterator[None]:
+        """Swap every layer's core attention for a `FastAttention` for the duration of the block: the passes
+        made meanwhile give the model the plan of their attention (`Trees`, `Decoding`) as its mask."""
         from megatron.core.transformer.attention import SelfAttention
 
         attentions = [m for m in self.model.modules() if isinstance(m, SelfAttention)]
         originals = [m.core_attention for m in attentions]
         config = self.model.config
         scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        swapped = [FastAttention(scale) for _ in attentions]
-        for module, fast in zip(attentions, swapped):
-            module.core_attention = fast
+        for layer, module in enumerate(attentions):
+            module.core_attention = FastAttention(scale, layer)
         try:
-            yield swapped
+            yield
         finally:
             for module, original in zip(attentions, originals):
                 module.core_attention = original
@@ -268,42 +268,43 @@ class Engine:
         return results
 
     def _packed_forward(
-        self, layers: list[FastAttention], rows: Sequence[_PackedRow], picks, read=None, first_position=0
+        self,
+        rows: Sequence[_PackedRow],
+        picks,
+        read=None,
+        first_position: int = 0,
+        trunks: Sequence[KeysValues] | None = None,
+        kept: dict[int, KeysValues] | None = None,
     ):
         """One forward pass over prefix trees laid one after the other, with no padding: what `read` takes
-        (see the backend) from the log-probabilities at `picks` [(row, node)]. The trees follow
-        `first_position` positions every node sees (the layers' trunk); their position ids start there.
-        Returns that and the offset of each row's first node in the pass."""
+        (see the backend) from the log-probabilities at `picks` [(row, node)]. The trees follow the
+        `first_position` positions of each layer's trunk (`trunks`), which every node sees; their position ids
+        start there. With `kept`, each layer leaves the pass's keys and values there. Returns what `read` took
+        and the offset of each row's first node in the pass."""
         offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
+        plan = Trees(trunks=trunks, kept=kept)
         if self.padded_trees:
-            padded = tree_batches(
-                rows, offsets, first_position, self.model.config, next(self.model.parameters()).dtype, self.device
-            )
-            for layer in layers:
-                layer.padded = padded
+            dtype = next(self.model.parameters()).dtype
+            plan.padded = tree_batches(rows, offsets, first_position, self.model.config, dtype, self.device)
         else:
-            masks = []
+            plan.rows = []
             for first, row in zip(offsets, rows):
                 seen = np.concatenate([np.ones((len(row.tokens), first_position), dtype=bool), row.visible()], axis=1)
-                masks.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
-            for layer in layers:
-                layer.rows = masks
+                plan.rows.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
         read_picks = self.backend(
             self._tensor([t for row in rows for t in row.tokens]).unsqueeze(0),
             self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0),
-            None,
+            plan,
             self._tensor([0] * len(picks)),
             self._tensor([offsets[r] + node for r, node in picks]),
             read,
         )
-        for layer in layers:
-            layer.rows = layer.padded = None
         return read_picks, offsets
 
     def _score_packed(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
         rows = self.planner.pack([s[:-1] for s in sequences])  # a sequence's last token predicts nothing that is read
-        with self._fast_attention() as layers:
+        with self._fast_attention():
             for batch in self.planner.passes(rows):
                 members, picks = [], []
                 picked: dict[tuple[int, int], int] = {}  # (row, node) -> logits row
@@ -314,7 +315,7 @@ class Engine:
                         for i in wanted[k]:
                             node = path[i - 1]  # the logits after token i-1 predict token i
                             picks.append((local, i, picked.setdefault((r, node), len(picked))))
-                forward = functools.partial(self._packed_forward, layers, batch, list(picked))
+                forward = functools.partial(self._packed_forward, batch, list(picked))
                 scores = self._scores(
                     [sequences[k] for k in members], picks, len(picked), lambda read, forward=forward: forward(read)[0]
                 )
@@ -389,12 +390,11 @@ class Engine:
             return state.results()
         trunk = len(_common_trunk(prompts))
         own = [p[trunk:] for p in prompts]
-        with self._fast_attention() as layers:
-            if trunk:
-                self._set_trunk(layers, prompts[0][:trunk], last_trunk)
+        with self._fast_attention():
+            trunks = self._trunk(prompts[0][:trunk], last_trunk) if trunk else None
             steps = max(r.max_new_tokens for r in requests)
             width = max(len(p) for p in own)
-            taken = self._prefill(own, trunk, steps, layers, state)
+            caches, taken = self._prefill(own, trunk, steps, trunks, state)
             lengths = torch.tensor([len(p) for p in own]).unsqueeze(1)
             padding = (torch.arange(width) >= lengths).view(len(own), 1, 1, width).to(self.device)
             kept = list(range(len(prompts)))  # cache row i holds request kept[i]
@@ -404,16 +404,13 @@ class Engine:
                     break
                 if len(live) <= 0.75 * len(kept):  # rows whose requests ended leave the cache
                     rows = self._tensor([kept.index(k) for k in live])
-                    for layer in layers:
-                        layer.cache = tuple(t.index_select(0, rows) for t in layer.cache)
+                    caches = [tuple(t.index_select(0, rows) for t in cache) for cache in caches]
                     padding, kept = padding.index_select(0, rows), live
-                for layer in layers:
-                    layer.padding, layer.step = padding, step
                 row_of = {k: i for i, k in enumerate(kept)}
                 best = self.backend(
                     self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
                     self._tensor([len(prompts[k]) + step if k in taken else 0 for k in kept]).unsqueeze(1),
-                    None,
+                    Decoding(caches, padding, step, trunks),
                     self._tensor([row_of[k] for k in live]),
                     self._tensor([0] * len(live)),
                     GREEDY,
@@ -421,46 +418,46 @@ class Engine:
                 taken = {k: t for k, t in zip(live, state.step(live, *best)) if t is not None}
         return state.results()
 
-    def _set_trunk(self, layers: list[FastAttention], tokens: list[int], last: _Trunk) -> None:
-        """Gives every layer the keys and values of `tokens` as its trunk. The part that starts the last
-        group's trunk is reused (groups come in lexicographic order: a group split by the cache's size has
-        the same trunk as the one before, and a prompt that kept fewer in-context examples shares most of
+    def _trunk(self, tokens: list[int], last: _Trunk) -> list[KeysValues]:
+        """Every layer's keys and values of `tokens`, the trunk of a decoding group. The part that starts the
+        last group's trunk is reused (groups come in lexicographic order: a group split by the cache's size
+        has the same trunk as the one before, and a prompt that kept fewer in-context examples shares most of
         them); the rest is computed attending to it. `last` becomes this trunk."""
         reused = _common_prefix(last.tokens, tokens)
-        for layer, (keys, values) in zip(layers, last.layers):
-            layer.trunk = (keys[:, :reused], values[:, :reused]) if reused else None
+        parts = [(keys[:, :reused], values[:, :reused]) for keys, values in last.layers] if reused else None
         if reused == len(tokens):
-            return
+            return parts
         chain = _PackedRow()
         for token in tokens[reused:]:
             chain.add(token, len(chain.tokens) - 1)
-        for layer in layers:
-            layer.keep = True
-        self._packed_forward(layers, [chain], [], first_position=reused)  # keys and values only
-        for layer in layers:
-            computed = [t.transpose(0, 1) for t in layer.fresh]
-            if layer.trunk is not None:
-                computed = [torch.cat(pair, dim=1) for pair in zip(layer.trunk, computed)]
-            layer.trunk = computed[0].contiguous(), computed[1].contiguous()
-            layer.fresh, layer.keep = None, False
-        last.tokens, last.layers = list(tokens), [layer.trunk for layer in layers]
+        kept: dict[int, KeysValues] = {}
+        self._packed_forward([chain], [], first_position=reused, trunks=parts, kept=kept)  # keys and values only
+        trunks = []
+        for layer in range(len(kept)):
+            computed = [t.transpose(0, 1) for t in kept[layer]]
+            if parts is not None:
+                computed = [torch.cat(pair, dim=1) for pair in zip(parts[layer], computed)]
+            trunks.append((computed[0].contiguous(), computed[1].contiguous()))
+        last.tokens, last.layers = list(tokens), trunks
+        return trunks
 
     def _prefill(
-        self, own: list[list[int]], trunk: int, steps: int, layers: list[FastAttention], state: _Greedy
-    ) -> dict[int, int]:
-        """Computes each prompt's part after the trunk, packed into prefix trees (`_batches` of rows),
-        and leaves its keys and values in the request's row of the prompts' cache (as wide as the longest
-        part), next to a cache of `steps` generated tokens per request. Takes each request's first token:
-        returns request -> token, for the requests that go on."""
+        self, own: list[list[int]], trunk: int, steps: int, trunks: list[KeysValues] | None, state: _Greedy
+    ) -> tuple[list[tuple[torch.Tensor, ...]], dict[int, int]]:
+        """Computes each prompt's part after the trunk (each layer's `trunks`, `trunk` positions), packed into
+        prefix trees (`Planner.passes` of rows), and leaves its keys and values in the request's row of the
+        prompts' cache (as wide as the longest part), next to a cache of `steps` generated tokens per request.
+        Takes each request's first token. Returns each layer's cache, and request -> token for the requests
+        that go on."""
         rows = self.planner.pack(own, trunk)
         width = max(len(p) for p in own)
         taken: dict[int, int] = {}
-        for layer in layers:
-            layer.keep = True
+        caches: list[tuple[torch.Tensor, ...]] | None = None
         for batch in self.planner.passes(rows):
             members = [(r, k) for r, row in enumerate(batch) for k in row.paths]
             last_nodes = [(r, batch[r].paths[k][-1]) for r, k in members]
-            best, offsets = self._packed_forward(layers, batch, last_nodes, GREEDY, trunk)
+            kept: dict[int, KeysValues] = {}
+            best, offsets = self._packed_forward(batch, last_nodes, GREEDY, trunk, trunks, kept)
             live = [i for i, (_, k) in enumerate(members) if state.reasons[k] is None]
             chosen = state.step([members[i][1] for i in live], *(t[self._tensor(live)] for t in best))
             taken.update((members[i][1], t) for i, t in zip(live, chosen) if t is not None)
@@ -472,23 +469,24 @@ class Engine:
                 target_positions += range(len(path))
             sources = self._tensor(sources)
             target_rows, target_positions = self._tensor(target_rows), self._tensor(target_positions)
-            for layer in layers:
-                fresh, layer.fresh = layer.fresh, None
-                if layer.cache is None:
-                    _, groups, dim = fresh[0].shape
-                    keys, values = fresh
-                    layer.cache = (
-                        keys.new_empty(len(own), groups, width, dim),
-                        # the padding's keys are masked out; its values get a zero weight, so must be finite
-                        values.new_zeros(len(own), groups, width, dim),
-                        keys.new_empty(len(own), groups, steps, dim),
-                        values.new_empty(len(own), groups, steps, dim),
+            if caches is None:
+                caches = []
+                for layer in range(len(kept)):
+                    keys, values = kept[layer]
+                    _, groups, dim = keys.shape
+                    caches.append(
+                        (
+                            keys.new_empty(len(own), groups, width, dim),
+                            # the padding's keys are masked out; its values get a zero weight, so must be finite
+                            values.new_zeros(len(own), groups, width, dim),
+                            keys.new_empty(len(own), groups, steps, dim),
+                            values.new_empty(len(own), groups, steps, dim),
+                        )
                     )
-                for cached, computed in zip(layer.cache[:2], fresh):
+            for layer, cache in enumerate(caches):
+                for cached, computed in zip(cache[:2], kept[layer]):
                     cached[target_rows, :, target_positions] = computed[sources]
-        for layer in layers:
-            layer.keep = False
-        return taken
+        return caches or [], taken
 
 
 class _Greedy:
