@@ -91,6 +91,10 @@ class Equal:
     def after_build(self, engine, layout) -> None:
         pass
 
+    def memory(self, model) -> int | None:
+        """The bytes this rank's engine may use (None: as configured, on CPU)."""
+        return None
+
     def drive(self, engine) -> dict:
         sequences, needed_from = scored()
         return {
@@ -151,4 +155,28 @@ class Gathered(Equal):
     gather_logits = True
 
 
-CASES = {"equal": Equal(), "gathered": Gathered(), "faults": Faults(), "build_fails": BuildFails()}
+def memory_positions(rank: int) -> int:
+    """The positions per pass that rank `rank`'s memory holds in the `Memory` case: in each replica of the
+    layouts that run it, a rank other than the smallest must follow it, the HELM rank (the last) included."""
+    return (400, 300, 350, 450)[rank]
+
+
+class Memory(Equal):
+    """Every rank has memory for passes of another size (`memory_positions`): each replica plans for its
+    smallest."""
+
+    def memory(self, model) -> int:
+        import torch.distributed as dist
+
+        from megatron_eval_hook.engine.memory import RESERVED, Footprint
+
+        return RESERVED + 2 * Footprint.of(model, 64).position * memory_positions(dist.get_rank())
+
+
+CASES = {
+    "equal": Equal(),
+    "gathered": Gathered(),
+    "faults": Faults(),
+    "build_fails": BuildFails(),
+    "memory": Memory(),
+}

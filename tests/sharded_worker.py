@@ -5,13 +5,15 @@ of a scenario run from the last rank through `engine/sharded.py`, every rank tak
     torchrun --nproc-per-node N sharded_worker.py --tp T --pp P --cases CASE,... --weights W --out DIR
 
 Each case (`sharded_cases.CASES`) is one evaluation session. Writes the driver's answers to
-DIR/answers-CASE.json and every rank's trace of collective calls to DIR/trace-RANK.json: (operation, ranks
-of the group, shape, peer) in the order the rank made them.
+DIR/answers-CASE.json, every rank's replica and engine sizes after the session to DIR/sizes-CASE-RANK.json,
+and every rank's trace of collective calls to DIR/trace-RANK.json: (operation, ranks of the group, shape,
+peer) in the order the rank made them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -75,15 +77,17 @@ def main() -> None:
     rank = dist.get_rank()
     for name in options.cases.split(","):
         case = CASES[name]
+        built: list[Engine] = []
 
-        def build(case=case) -> Engine:
+        def build(case=case, built=built) -> Engine:
             model = sharded_model(options.tp, options.pp)
             load_whole(model, weights)
             case.before_build(layout)
             engine = Engine(
                 model, vocab_size=VOCAB, max_sequence_length=64, batch_size=3, end_of_text=VOCAB - 1, decode=decode,
-                gather_logits=case.gather_logits,
+                gather_logits=case.gather_logits, memory=case.memory(model),
             )  # fmt: skip
+            built.append(engine)
             case.after_build(engine, layout)
             return engine
 
@@ -99,6 +103,9 @@ def main() -> None:
                 serve(build, layout)
             except Exception as error:
                 print(f"rank {rank}, case {name}: {type(error).__name__}: {error}", flush=True)
+        if built:
+            sizes = {"replica": layout.replica, **dataclasses.asdict(built[0].sizes)}
+            (options.out / f"sizes-{name}-{rank}.json").write_text(json.dumps(sizes))
     (options.out / f"trace-{rank}.json").write_text(json.dumps(log))
     dist.barrier(group)
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cpu_run import torchrun_command
-from sharded_cases import INJECTED, VOCAB, decode, generation_requests, scored, sharded_model
+from sharded_cases import INJECTED, VOCAB, decode, generation_requests, memory_positions, scored, sharded_model
 
 from megatron_eval_hook.engine import Engine, RequestTooLong
 from megatron_eval_hook.snapshot import whole_tensors
@@ -22,11 +22,11 @@ WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
 
 # layout -> (TP, PP, processes, cases run in it)
 LAYOUTS = {
-    "tp2": (2, 1, 2, "equal,gathered,faults"),
+    "tp2": (2, 1, 2, "equal,gathered,faults,memory"),
     "pp2": (1, 2, 2, "equal,faults"),
     "dp2": (1, 1, 2, "equal,faults,build_fails"),
     "tp2xpp2": (2, 2, 4, "equal"),
-    "tp2xdp2": (2, 1, 4, "equal,faults"),
+    "tp2xdp2": (2, 1, 4, "equal,faults,memory"),
 }
 
 
@@ -54,7 +54,13 @@ def sharded_run(request, reference, tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     answers = {case: json.loads((out / f"answers-{case}.json").read_text()) for case in cases.split(",")}
     traces = [json.loads((out / f"trace-{rank}.json").read_text()) for rank in range(nproc)]
-    return request.param, answers, traces, result.stdout
+    sizes = {
+        (case, rank): json.loads(path.read_text())
+        for case in cases.split(",")
+        for rank in range(nproc)
+        if (path := out / f"sizes-{case}-{rank}.json").exists()
+    }
+    return request.param, answers, traces, result.stdout, sizes
 
 
 def expected_answers(engine: Engine, budget_shift: int = 0):
@@ -71,9 +77,9 @@ def assert_same_generations(got, expected):
 
 @pytest.mark.slow
 def test_sharded_scores_and_generations_equal_the_unsharded_engine(sharded_run, reference):
-    layout, answers, _, _ = sharded_run
+    layout, answers, *_ = sharded_run
     scores, generations = expected_answers(reference[0])
-    for case in ("equal", "gathered"):
+    for case in ("equal", "gathered", "memory"):
         if case not in answers:
             continue
         assert "error" not in answers[case], answers[case]
@@ -85,7 +91,7 @@ def test_sharded_scores_and_generations_equal_the_unsharded_engine(sharded_run, 
 
 @pytest.mark.slow
 def test_faults_reach_the_helm_rank_and_later_calls_are_answered(sharded_run, reference):
-    layout, answers, _, _ = sharded_run
+    layout, answers, *_ = sharded_run
     if "faults" not in answers:
         pytest.skip(f"{layout} runs no fault case")
     outcome = answers["faults"]
@@ -101,7 +107,7 @@ def test_faults_reach_the_helm_rank_and_later_calls_are_answered(sharded_run, re
 
 @pytest.mark.slow
 def test_a_rank_that_cannot_build_its_engine_ends_the_session_on_every_rank(sharded_run):
-    layout, answers, _, output = sharded_run
+    layout, answers, _, output, _ = sharded_run
     if "build_fails" not in answers:
         pytest.skip(f"{layout} does not inject a build failure")
     assert "rank 0 could not start" in answers["build_fails"]["error"]
@@ -113,7 +119,7 @@ def test_a_rank_that_cannot_build_its_engine_ends_the_session_on_every_rank(shar
 def test_every_rank_makes_the_same_collective_calls_in_each_group(sharded_run):
     """(operation, shape) sequences agree among the members of every group, and each send meets a receive
     of the same shape, in order, whatever the case (faults and failed builds included)."""
-    layout, _, traces, _ = sharded_run
+    layout, _, traces, *_ = sharded_run
     sends, receives = defaultdict(list), defaultdict(list)
     for rank, trace in enumerate(traces):
         for op, _, shape, peer in trace:
@@ -132,3 +138,23 @@ def test_every_rank_makes_the_same_collective_calls_in_each_group(sharded_run):
     assert sends == receives
     if layout.startswith("pp") or "pp2" in layout:
         assert sends, "pipeline stages exchanged nothing"
+
+
+@pytest.mark.slow
+def test_the_ranks_of_a_replica_plan_for_the_smallest_memory_among_them(sharded_run):
+    """Each rank's memory holds passes of another size: after the session starts, every rank of a replica
+    plans passes of its replica's smallest (its ranks must make the same passes), each replica its own."""
+    layout, answers, _, _, sizes = sharded_run
+    if "memory" not in answers:
+        pytest.skip(f"{layout} runs no memory case")
+    replicas = defaultdict(list)
+    for (case, rank), agreed in sizes.items():
+        if case == "memory":
+            replicas[agreed["replica"]].append((rank, agreed))
+    assert sum(len(ranks) for ranks in replicas.values()) == LAYOUTS[layout][2]
+    for members in replicas.values():
+        smallest = min(memory_positions(rank) for rank, _ in members)
+        assert {agreed["pass_positions"] for _, agreed in members} == {smallest}
+        assert len({tuple(agreed.values()) for _, agreed in members}) == 1
+    unlimited = {agreed["pass_positions"] for (case, _), agreed in sizes.items() if case == "equal"}
+    assert unlimited and min(unlimited) > max(memory_positions(rank) for rank in range(LAYOUTS[layout][2]))

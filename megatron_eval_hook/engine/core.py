@@ -30,6 +30,7 @@ fast on AMD processors; a GELU MLP's first matmul also adds its bias and applies
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -44,6 +45,7 @@ from megatron_eval_hook.allocator import keep_freed_memory
 from megatron_eval_hook.engine.attention import Decoding, FastAttention, KeysValues, Trees, tree_batches
 from megatron_eval_hook.engine.backend import GREEDY, Targets, backend_for
 from megatron_eval_hook.engine.cpu import fast_linears, onednn_linear
+from megatron_eval_hook.engine.memory import Footprint, Sizes, fitted, usable_memory
 from megatron_eval_hook.engine.plan import (
     CACHE_BATCHES,
     CPU_PASS_POSITIONS,
@@ -101,6 +103,8 @@ class Engine:
     stop sequences. `padded_trees`: attention over a pass's prefix trees on padded batches of trees
     (`FastAttention`); by default off on CPU, on elsewhere. `gather_logits`: under tensor parallelism,
     gather the full logits instead of reading the split ones (the same numbers to float rounding).
+    `memory`: the bytes its passes and caches may take on this rank (`memory.py`); by default, on a GPU,
+    80% of what is free there when the engine is built; on CPU no limit.
 
     On CPU the engine keeps a reordered copy of the model's float32 linear weights between calls
     (`OneDnnLinear`), made again for a weight whose tensor or version changed; `release()` frees it.
@@ -119,6 +123,7 @@ class Engine:
         row_tokens: int = ROW_TOKENS,
         padded_trees: bool | None = None,
         gather_logits: bool = False,
+        memory: int | None = None,
     ):
         self.model = model
         self.vocab_size = vocab_size
@@ -139,10 +144,13 @@ class Engine:
         pass_positions = batch_size * row_tokens
         if self.device.type == "cpu":
             pass_positions = min(pass_positions, CPU_PASS_POSITIONS)
+        configured = Sizes(pass_positions, CACHE_BATCHES * batch_size * row_tokens, batch_size * max_sequence_length)
+        self.memory = usable_memory(self.device) if memory is None else memory
+        self.sizes = fitted(configured, Footprint.of(model, max_sequence_length), self.memory, least=row_tokens)
         self.planner = Planner(
             row_tokens=row_tokens,
-            pass_positions=pass_positions,
-            cache_positions=CACHE_BATCHES * batch_size * row_tokens,
+            pass_positions=self.sizes.pass_positions,
+            cache_positions=self.sizes.cache_positions,
             hidden_size=model.config.hidden_size,
         )
         output_bytes = OUTPUT_BYTES_CPU if self.device.type == "cpu" else OUTPUT_BYTES_GPU
@@ -151,6 +159,14 @@ class Engine:
     @property
     def pass_positions(self) -> int:
         return self.planner.pass_positions
+
+    def resize(self, sizes: Sizes) -> None:
+        """Plan for `sizes` from now on: the sizes every rank of a model-parallel group agreed on (each rank
+        must plan the same passes), none larger than this rank's own."""
+        self.sizes = sizes
+        self.planner = dataclasses.replace(
+            self.planner, pass_positions=sizes.pass_positions, cache_positions=sizes.cache_positions
+        )
 
     def release(self) -> None:
         """Free what the engine keeps between calls (on CPU, the reordered linear weights)."""
@@ -245,8 +261,7 @@ class Engine:
     def _score_plain(self, sequences, wanted) -> list[list[float]]:
         results: list[list[float]] = [[] for _ in sequences]
         order = sorted(range(len(sequences)), key=lambda k: -len(sequences[k]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for batch in self._plain_batches(order, lambda k: len(sequences[k])):
             width = max(len(sequences[k]) for k in batch)
             picks, rows, columns = [], [], []
             for row, k in enumerate(batch):
@@ -266,6 +281,16 @@ class Engine:
             for row, k in enumerate(batch):
                 results[k] = scores[row]
         return results
+
+    def _plain_batches(self, order: list[int], width: Callable[[int], int]) -> list[list[int]]:
+        """`order` (longest first) cut into batches of at most batch_size sequences, and of at most
+        `sizes.plain_positions` positions but for a sequence alone; `width(k)`: the positions k takes."""
+        batches, start = [], 0
+        while start < len(order):
+            count = min(self.batch_size, self.sizes.plain_positions // max(width(order[start]), 1))
+            batches.append(order[start : start + max(count, 1)])
+            start += max(count, 1)
+        return batches
 
     def _packed_forward(
         self,
@@ -345,7 +370,7 @@ class Engine:
             run = functools.partial(self._generate_cached, last_trunk=last_trunk)
         else:  # neighbours have similar lengths
             run, order = self._generate_plain, sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-            groups = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+            groups = self._plain_batches(order, lambda i: len(prompts[i]) + requests[i].max_new_tokens)
         with self._fast_linears():
             for group in groups:
                 for i, generation in zip(group, run([prompts[i] for i in group], [requests[i] for i in group])):

@@ -11,7 +11,8 @@ Every rank makes the same sequence of collective calls whatever happens: a repli
 nothing but still sends its (empty) answers; an exception in a replica's share travels to the driver as its
 answer and is raised there, where the evaluation records it; a rank that cannot build its engine says so
 when the session starts, and every rank then leaves the session together. The shares depend only on the
-requests, so every rank computes the same ones without asking.
+requests, so every rank computes the same ones without asking. The ranks of a replica plan their passes for
+the smallest memory among them (`memory.py`), agreed when the session starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_eval_hook.engine.core import Engine
+from megatron_eval_hook.engine.memory import Sizes
 from megatron_eval_hook.engine.requests import Generation, GenerationRequest
 
 
@@ -99,7 +101,7 @@ class Session:
 
     def start(self, engine: Engine) -> ShardedEngine:
         self.agreed = True
-        _agree(self.layout, None)
+        engine.resize(_agree(self.layout, None, engine.sizes))
         self.serving = True
         return ShardedEngine(engine, self.layout)
 
@@ -107,7 +109,7 @@ class Session:
         if not self.agreed:  # the driver failed before its engine existed: the others must not wait for it
             self.agreed = True
             try:
-                _agree(self.layout, f"{kind.__name__}: {error}" if kind is not None else "no engine was started")
+                _agree(self.layout, f"{kind.__name__}: {error}" if kind is not None else "no engine was started", None)
             except SessionAborted:
                 pass
         elif self.serving:
@@ -123,11 +125,12 @@ def serve(build: Any, layout: Layout) -> None:
     except Exception as error:
         failure, raised = f"{type(error).__name__}: {error}", error
     try:
-        _agree(layout, failure)
+        sizes = _agree(layout, failure, None if engine is None else engine.sizes)
     except SessionAborted:
         if raised is not None:
             raise raised from None
         return
+    engine.resize(sizes)
     while True:
         command = [None]
         dist.broadcast_object_list(command, src=layout.driver, group=layout.group)
@@ -136,15 +139,19 @@ def serve(build: Any, layout: Layout) -> None:
         _compute(engine, layout, command[0])
 
 
-def _agree(layout: Layout, failure: str | None) -> None:
-    """Every rank says whether it can go on (`failure`: why not); raises `SessionAborted` on every rank when
-    one cannot, naming it."""
+def _agree(layout: Layout, failure: str | None, sizes: Sizes | None) -> Sizes:
+    """Every rank says whether it can go on (`failure`: why not) and what its engine's passes and caches may
+    hold (`sizes`); raises `SessionAborted` on every rank when one cannot, naming it. Returns the sizes every
+    rank of this rank's replica can hold, which its ranks then all plan for (they must make the same passes);
+    the replicas' shares do not depend on them."""
     said: list[Any] = [None] * dist.get_world_size(layout.group)
-    dist.all_gather_object(said, failure, group=layout.group)
-    failed = [(rank, why) for rank, why in enumerate(said) if why is not None]
+    dist.all_gather_object(said, (failure, layout.replica, sizes), group=layout.group)
+    failed = [(rank, why) for rank, (why, _, _) in enumerate(said) if why is not None]
     if failed:
         rank, why = failed[0]
         raise SessionAborted(f"rank {rank} could not start its part of the evaluation: {why}")
+    first, *others = [own for _, replica, own in said if replica == layout.replica]
+    return first.smallest(*others)
 
 
 def _compute(engine: Engine, layout: Layout, command: tuple) -> list | None:
