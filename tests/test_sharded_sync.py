@@ -1,12 +1,21 @@
 """The sync placement in Megatron's real training loop on a model sharded by tensor and pipeline parallelism
 (and data parallelism beside them): every rank computes, and the scores are those of the same checkpoint
 evaluated whole, in one process, by `megatron-eval backfill` (which the async placement's equal,
-tests/test_async_placement.py)."""
+tests/test_async_placement.py), down to each instance's correctness."""
 
 from __future__ import annotations
 
 import pytest
-from training_runs import BENCHMARKS, backfill, ok, scores, statuses, train, training_loss
+from training_runs import (
+    BENCHMARKS,
+    backfill,
+    ok,
+    per_instance_correctness,
+    scores,
+    statuses,
+    train,
+    training_loss,
+)
 
 
 @pytest.mark.slow
@@ -34,6 +43,8 @@ def test_sync_scores_on_the_shards_equal_a_whole_model_backfill_and_training_is_
     sharded = scores(ledger)
     assert sharded.keys() == whole.keys() and len(whole) > 10
     assert sharded == pytest.approx(whole, abs=1e-4)  # log-probability sums: float rounding of the reductions
+    correct = per_instance_correctness(hooked / "eval")
+    assert correct == per_instance_correctness(tmp_path / "backfill") and len(correct) >= 8
 
     plain = tmp_path / "plain"
     ok(train(plain, demo_data, **run))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -195,6 +196,19 @@ def scores(ledger: Path, iterations=None, placement=None) -> dict[tuple, float]:
         and (iterations is None or r["iteration"] in iterations)
         and (placement is None or r["placement"] == placement)
     }
+
+
+def per_instance_correctness(output_dir: Path) -> dict[tuple, float]:
+    """(suite, run, instance, trial) -> exact_match, from every per_instance_stats.json HELM wrote under
+    `output_dir` (one suite per evaluated iteration)."""
+    found = {}
+    for path in sorted((output_dir / "helm" / "runs").glob("iter_*/*/per_instance_stats.json")):
+        for row in json.loads(path.read_text()):
+            for stat in row["stats"]:
+                if stat["name"]["name"] == "exact_match" and "perturbation" not in stat["name"]:
+                    key = (path.parent.parent.name, path.parent.name, row["instance_id"], row["train_trial_index"])
+                    found[key] = stat["mean"]
+    return found
 
 
 def training_loss(tmp: Path) -> list[tuple[int, float]]:
