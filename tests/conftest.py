@@ -87,6 +87,33 @@ def tiny_gpt(
     return model.eval()
 
 
+def tiny_llama(vocab_size: int, max_sequence_length: int = 256, seed: int = 0, model: dict | None = None, **config):
+    """A 2-layer Llama-style Megatron GPTModel on CPU, in eval mode: rotary positions, SwiGLU, RMSNorm,
+    grouped-query attention (2 query groups), no biases, untied embeddings. `model`: GPTModel overrides
+    (rotary_percent, rope_scaling, ...); `config`: TransformerConfig overrides."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    torch.manual_seed(seed)
+    settings = dict(
+        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        init_method_std=0.3, use_cpu_initialization=True,
+    )  # fmt: skip
+    gpt = GPTModel(
+        TransformerConfig(**{**settings, **config}),
+        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=vocab_size + 3,
+        max_sequence_length=max_sequence_length,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+        **(model or {}),
+    )
+    return gpt.eval()
+
+
 @pytest.fixture
 def char_tokenizer() -> CharTokenizer:
     return CharTokenizer()

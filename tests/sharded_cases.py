@@ -20,26 +20,37 @@ def decode(tokens: list[int]) -> str:
     return "".join(CHARS[t] if t < len(CHARS) else "" for t in tokens)
 
 
-def sharded_model(tp: int = 1, pp: int = 1):
+def sharded_model(tp: int = 1, pp: int = 1, arch: str = "gpt"):
     """A 4-layer GPT with grouped queries (2 groups), sized so that it splits over TP=2 and PP=2; this rank's
-    part under Megatron's parallel state (the whole model at TP = PP = 1). Seeded, in eval mode."""
+    part under Megatron's parallel state (the whole model at TP = PP = 1). Seeded, in eval mode. `arch`:
+    "gpt" (GPT-2 style: learned positions, GELU, LayerNorm, biases, tied embeddings) or "llama" (rotary
+    positions, SwiGLU, RMSNorm, no biases, untied embeddings)."""
+    import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
+    llama = arch == "llama"
     torch.manual_seed(0)
+    style = (
+        dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+             ffn_hidden_size=64, init_method_std=0.3)
+        if llama
+        else dict(init_method_std=0.5)
+    )  # fmt: skip
     config = TransformerConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, use_cpu_initialization=True,
-        init_method_std=0.5, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, **style,
     )  # fmt: skip
     return GPTModel(
         config,
-        get_gpt_layer_local_spec(),
+        get_gpt_layer_local_spec(normalization="RMSNorm" if llama else None),
         vocab_size=PADDED_VOCAB,
         max_sequence_length=64,
-        position_embedding_type="learned_absolute",
+        position_embedding_type="rope" if llama else "learned_absolute",
+        share_embeddings_and_output_weights=not llama,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     ).eval()

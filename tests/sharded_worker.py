@@ -2,7 +2,7 @@
 tensor and pipeline parallelism, its shards filled by checkpoint key from full weights, and the engine's calls
 of a scenario run from the last rank through `engine/sharded.py`, every rank taking part.
 
-    torchrun --nproc-per-node N sharded_worker.py --tp T --pp P --cases CASE,... --weights W --out DIR
+    torchrun --nproc-per-node N sharded_worker.py --tp T --pp P [--arch llama] --cases CASE,... --weights W --out DIR
 
 Each case (`sharded_cases.CASES`) is one evaluation session. Writes the driver's answers to
 DIR/answers-CASE.json, every rank's replica and engine sizes after the session to DIR/sizes-CASE-RANK.json,
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--cases", default="equal")
+    parser.add_argument("--arch", default="gpt", choices=("gpt", "llama"))
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     options = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
         built: list[Engine] = []
 
         def build(case=case, built=built) -> Engine:
-            model = sharded_model(options.tp, options.pp)
+            model = sharded_model(options.tp, options.pp, options.arch)
             load_whole(model, weights)
             case.before_build(layout)
             engine = Engine(

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import tiny_gpt
+from conftest import tiny_gpt, tiny_llama
 
 import megatron_eval_hook.engine.attention as attention_module
 from megatron_eval_hook.engine import (
@@ -54,10 +54,12 @@ def engine(model, vocab, fast=True, batch_size=3, **kwargs):
     return Engine(model, vocab_size=vocab, max_sequence_length=64, batch_size=batch_size, fast=fast, **kwargs)
 
 
-@pytest.fixture(params=["gpt2", "grouped-query"])
+@pytest.fixture(params=["gpt2", "grouped-query", "llama"])
 def model(request, megatron_world, char_tokenizer):
     if request.param == "gpt2":
         return tiny_gpt(char_tokenizer.vocab_size, init_method_std=0.5)
+    if request.param == "llama":
+        return tiny_llama(char_tokenizer.vocab_size)
     return tiny_gpt(char_tokenizer.vocab_size, num_query_groups=2, init_method_std=0.5)
 
 
@@ -149,26 +151,56 @@ def test_prompts_sharing_a_trunk_generate_as_they_would_alone(model, char_tokeni
         assert c.logprobs == pytest.approx(p.logprobs, abs=1e-5)
 
 
-def test_rotary_positions_take_the_plain_path(megatron_world, char_tokenizer):
+ROTARY_VARIANTS = {
+    "half-rotary": dict(model=dict(rotary_percent=0.5)),
+    "interleaved": dict(rotary_interleaved=True),
+    "interpolated": dict(model=dict(seq_len_interpolation_factor=2.0, rotary_base=500)),
+    "llama3-scaling": dict(model=dict(rope_scaling=True, rope_scaling_factor=8.0)),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROTARY_VARIANTS))
+def test_rotary_variants_take_the_fast_path_with_megatrons_own_angles(megatron_world, char_tokenizer, variant):
+    """Megatron's rotary options (the part of each head rotated, the channel layout, the base, position
+    interpolation, Llama 3 scaling): the fast path rotates as Megatron's own attention does."""
     vocab = char_tokenizer.vocab_size
-    rotary = tiny_gpt(vocab, position_embedding_type="rope", init_method_std=0.5)
-    subject = engine(rotary, vocab)
-    assert "rope" in subject.plain_reason
-    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1).view(1, 1, 6, 6)
-    with torch.no_grad():
-        logits = rotary(torch.tensor([SEQUENCES[0]]), torch.arange(6).unsqueeze(0), mask)[0, :, :vocab]
-    expected = torch.log_softmax(logits, -1)
-    got = subject.score([SEQUENCES[0]])[0]
-    assert got[1:] == pytest.approx([float(expected[i - 1, SEQUENCES[0][i]]) for i in range(1, 6)], abs=1e-5)
+    rotary = tiny_llama(vocab, **ROTARY_VARIANTS[variant])
+    subject = engine(rotary, vocab, decode=_spell_count)
+    assert subject.plain_reason is None
+    plain = engine(rotary, vocab, fast=False, decode=_spell_count)
+    for got, expected in zip(subject.score(SEQUENCES), plain.score(SEQUENCES)):
+        assert got == pytest.approx(expected, abs=1e-5)
+    requests = [GenerationRequest([5, 6, 7], 6), GenerationRequest([5, 6, 8, 9], 5), GenerationRequest([9], 4)]
+    fast_generations, plain_generations = subject.generate(requests), plain.generate(requests)
+    assert [g.tokens for g in fast_generations] == [g.tokens for g in plain_generations]
+    for got, expected in zip(fast_generations, plain_generations):
+        assert got.logprobs == pytest.approx(expected.logprobs, abs=1e-5)
 
 
-def test_the_model_keeps_its_own_attention_and_matmuls_after_a_call(gpt, char_tokenizer):
-    before = [type(m.self_attention.core_attention) for m in gpt.decoder.layers]
-    subject = engine(gpt, char_tokenizer.vocab_size)
+def test_rotary_angles_at_packed_positions_instead_of_tree_depths_change_the_scores(
+    megatron_world, char_tokenizer, monkeypatch
+):
+    """The check above catches a real mistake: rotating each token at its place in the packed pass rather
+    than at its depth in its tree (its position in its own sequence)."""
+    vocab = char_tokenizer.vocab_size
+    rotary = tiny_llama(vocab)
+    expected = engine(rotary, vocab, fast=False).score(SEQUENCES)
+    angles = Engine._angles
+    monkeypatch.setattr(Engine, "_angles", lambda self, p: angles(self, torch.arange(p.numel()).view_as(p)))
+    mutant = engine(rotary, vocab).score(SEQUENCES)
+    worst = max(abs(a - b) for got, want in zip(mutant, expected) for a, b in zip(got, want))
+    assert worst > 1e-2
+
+
+def test_the_model_keeps_its_own_attention_and_matmuls_after_a_call(model, char_tokenizer):
+    before = [type(m.self_attention.core_attention) for m in model.decoder.layers]
+    positions = model.position_embedding_type
+    subject = engine(model, char_tokenizer.vocab_size)
     subject.score(SEQUENCES)
     subject.generate([GenerationRequest([5, 6], 3)])
-    assert [type(m.self_attention.core_attention) for m in gpt.decoder.layers] == before
-    assert not [name for name, m in gpt.named_modules() if {"_forward_impl", "forward"} & set(vars(m))]
+    assert [type(m.self_attention.core_attention) for m in model.decoder.layers] == before
+    assert model.position_embedding_type == positions  # rotary: Megatron applies its own again
+    assert not [name for name, m in model.named_modules() if {"_forward_impl", "forward"} & set(vars(m))]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["packed", "plain"])

@@ -20,34 +20,48 @@ from megatron_eval_hook.snapshot import whole_tensors
 
 WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
 
-# layout -> (TP, PP, processes, cases run in it)
+# layout -> (TP, PP, processes, cases run in it, architecture)
 LAYOUTS = {
-    "tp2": (2, 1, 2, "equal,gathered,faults,memory"),
-    "pp2": (1, 2, 2, "equal,faults"),
-    "dp2": (1, 1, 2, "equal,faults,build_fails"),
-    "tp2xpp2": (2, 2, 4, "equal"),
-    "tp2xdp2": (2, 1, 4, "equal,faults,memory"),
+    "tp2": (2, 1, 2, "equal,gathered,faults,memory", "gpt"),
+    "pp2": (1, 2, 2, "equal,faults", "gpt"),
+    "dp2": (1, 1, 2, "equal,faults,build_fails", "gpt"),
+    "tp2xpp2": (2, 2, 4, "equal", "gpt"),
+    "tp2xdp2": (2, 1, 4, "equal,faults,memory", "gpt"),
+    "llama-tp2xpp2": (2, 2, 4, "equal,gathered", "llama"),
 }
 
 
+class References(dict):
+    """Per architecture, made on first use: the unsharded model's engine and its weights saved by checkpoint key."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, arch: str):
+        model = sharded_model(arch=arch)
+        path = self.folder / f"weights-{arch}.pt"
+        torch.save(whole_tensors(model), path)
+        engine = Engine(
+            model, vocab_size=VOCAB, max_sequence_length=64, batch_size=3, end_of_text=VOCAB - 1, decode=decode
+        )
+        self[arch] = engine, path
+        return self[arch]
+
+
 @pytest.fixture(scope="module")
-def reference(megatron_world, tmp_path_factory):
-    """The unsharded model, its weights saved by checkpoint key, and its engine."""
-    model = sharded_model()
-    path = tmp_path_factory.mktemp("weights") / "weights.pt"
-    torch.save(whole_tensors(model), path)
-    engine = Engine(model, vocab_size=VOCAB, max_sequence_length=64, batch_size=3, end_of_text=VOCAB - 1, decode=decode)
-    return engine, path
+def references(megatron_world, tmp_path_factory):
+    return References(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def sharded_run(request, reference, tmp_path_factory):
+def sharded_run(request, references, tmp_path_factory):
     """The worker's cases run once per layout: (layout, answers per case, each rank's trace)."""
-    tp, pp, nproc, cases = LAYOUTS[request.param]
+    tp, pp, nproc, cases, arch = LAYOUTS[request.param]
     out = tmp_path_factory.mktemp(request.param)
     command = torchrun_command(
-        [str(WORKER), "--tp", str(tp), "--pp", str(pp), "--cases", cases, "--weights", str(reference[1]),
-         "--out", str(out)], nproc=nproc,
+        [str(WORKER), "--tp", str(tp), "--pp", str(pp), "--arch", arch, "--cases", cases,
+         "--weights", str(references[arch][1]), "--out", str(out)], nproc=nproc,
     )  # fmt: skip
     env = {**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -76,9 +90,9 @@ def assert_same_generations(got, expected):
 
 
 @pytest.mark.slow
-def test_sharded_scores_and_generations_equal_the_unsharded_engine(sharded_run, reference):
+def test_sharded_scores_and_generations_equal_the_unsharded_engine(sharded_run, references):
     layout, answers, *_ = sharded_run
-    scores, generations = expected_answers(reference[0])
+    scores, generations = expected_answers(references[LAYOUTS[layout][4]][0])
     for case in ("equal", "gathered", "memory"):
         if case not in answers:
             continue
@@ -86,12 +100,15 @@ def test_sharded_scores_and_generations_equal_the_unsharded_engine(sharded_run, 
         for got, expected in zip(answers[case]["scores"], scores, strict=True):
             assert got == pytest.approx(expected, abs=1e-5), case
         assert_same_generations(answers[case]["generations"], generations)
-    assert sum(len(s) for s in scores) > 50 and any(g.finish_reason == "stop" for g in generations)
+    assert sum(len(s) for s in scores) > 50
+    if LAYOUTS[layout][4] == "gpt":  # these weights' completions run into a stop sequence: checked on the way
+        assert any(g.finish_reason == "stop" for g in generations)
 
 
 @pytest.mark.slow
-def test_faults_reach_the_helm_rank_and_later_calls_are_answered(sharded_run, reference):
+def test_faults_reach_the_helm_rank_and_later_calls_are_answered(sharded_run, references):
     layout, answers, *_ = sharded_run
+    reference = references[LAYOUTS[layout][4]]
     if "faults" not in answers:
         pytest.skip(f"{layout} runs no fault case")
     outcome = answers["faults"]

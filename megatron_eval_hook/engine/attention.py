@@ -38,6 +38,7 @@ class Trees:
     padded: tuple[list[_TreeBatch], torch.Tensor] | None = None  # the batches, each position's place in them
     trunks: Sequence[KeysValues] | None = None  # one per layer
     kept: dict[int, KeysValues] | None = None
+    rotary: torch.Tensor | None = None  # [positions, 1, 1, d']: each position's rotary angles (`Rotary`)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Decoding:
     padding: torch.Tensor  # [rows, 1, 1, width] True where a prompt part has no key
     step: int
     trunks: Sequence[KeysValues] | None = None  # one per layer
+    rotary: torch.Tensor | None = None  # [1, rows, 1, d']: each row's new token's rotary angles (`Rotary`)
 
 
 class FastAttention(torch.nn.Module):
@@ -62,14 +64,17 @@ class FastAttention(torch.nn.Module):
     rank's attention layers.
 
     Takes Megatron's core-attention arguments: query [sq, b, heads, d], key and value [sk, b, groups, d]
-    (positions already applied), and in place of the attention mask the pass's plan, which Megatron hands
-    down unchanged from the model's `attention_mask` argument: `Trees` or `Decoding`. The module holds
-    nothing between calls."""
+    (learned positions already applied), and in place of the attention mask the pass's plan, which Megatron
+    hands down unchanged from the model's `attention_mask` argument: `Trees` or `Decoding`. Rotary positions
+    are applied here, from the plan's angles (each token at its own position: its depth in its tree, or its
+    place after the trunk and prompt while decoding), not by Megatron. The module holds nothing between
+    calls."""
 
-    def __init__(self, scale: float, layer: int):
+    def __init__(self, scale: float, layer: int, interleaved: bool = False):
         super().__init__()
         self.scale = scale
         self.layer = layer
+        self.interleaved = interleaved  # the rotary angles' layout (Megatron's `rotary_interleaved`)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, **_):
         plan = attention_mask
@@ -79,6 +84,8 @@ class FastAttention(torch.nn.Module):
             return self._decode(plan, query, key, value)
         if not isinstance(plan, Trees):
             raise TypeError(f"the engine's attention runs the engine's plans, not {type(plan).__name__}")
+        if plan.rotary is not None:
+            query, key = (rotated(t, plan.rotary, self.interleaved) for t in (query, key))
         positions, _, heads, dim = query.shape
         query, key, value = query[:, 0], key[:, 0], value[:, 0]  # [positions, heads or groups, d]
         trunk = plan.trunks[self.layer] if plan.trunks is not None else None
@@ -127,6 +134,8 @@ class FastAttention(torch.nn.Module):
         """One new token per cache row. The trunk's keys are stored once, not per row, so its scores are
         a matmul of their own; the trunk, the prompt parts and the generated tokens share one softmax
         (scores in float32, as eager attention)."""
+        if plan.rotary is not None:
+            query, key = (rotated(t, plan.rotary, self.interleaved) for t in (query, key))
         prompt_keys, prompt_values, new_keys, new_values = plan.caches[self.layer]
         trunk = plan.trunks[self.layer] if plan.trunks is not None else None
         rows, groups, width, dim = prompt_keys.shape
@@ -156,6 +165,21 @@ class FastAttention(torch.nn.Module):
             by_group = weights[..., :shared].permute(1, 0, 2, 3).reshape(groups, -1, shared)
             out += torch.matmul(by_group, trunk_values).view(groups, rows, -1, dim).permute(1, 0, 2, 3)
         return out.reshape(1, rows, heads * dim)
+
+
+def rotated(t: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """`t` [s, b, heads, d] with its first d' channels rotated by `angles` [s or 1, b or 1, 1, d'], as
+    Megatron's unfused rotary embedding does (cos and sin in float32, then in `t`'s dtype): by halves, or by
+    neighbouring pairs when `interleaved`."""
+    width = angles.shape[-1]
+    t, rest = t[..., :width], t[..., width:]
+    cos, sin = torch.cos(angles).to(t.dtype), torch.sin(angles).to(t.dtype)
+    if interleaved:
+        turned = torch.stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        first, second = torch.chunk(t, 2, dim=-1)
+        turned = torch.cat((-second, first), dim=-1)
+    return torch.cat((t * cos + turned * sin, rest), dim=-1)
 
 
 @dataclass(frozen=True)

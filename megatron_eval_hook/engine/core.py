@@ -8,9 +8,11 @@ Three savings apply to every model:
   positions whose log-probability or next token is used, through `GPTModel`'s `output_processor`;
 - batches are grouped by length.
 
-Two more need the positions to be learned absolute embeddings (GPT-2 style: a token's position
-is an input, not its index in the batch) and use the engine's own attention kernel in place of
-the model's core attention for the duration of a call (`FastAttention`):
+Two more need each token's position to be its own, not its index in the batch: learned absolute
+embeddings (GPT-2 style: the position is an input) or rotary embeddings (Llama style: the engine's
+attention rotates queries and keys at each token's position, with the model's own angles). They use
+the engine's own attention kernel in place of the model's core attention for the duration of a call
+(`FastAttention`):
 
 - scoring packs requests into prefix trees: a multiple-choice question shared by its four answers
   is computed once, each token attending only to its own ancestors; a forward pass holds trees one
@@ -20,8 +22,8 @@ the model's core attention for the duration of a call (`FastAttention`):
   the prompts' common trunk (the in-context examples) is computed and stored once, and each step
   feeds one token for every request of a group sized by the cache's memory, not by batch_size.
 
-Models with other position encodings (rotary) take the plain path: every request recomputed in
-full, with Megatron's own attention. Both paths give the same numbers up to float rounding.
+Models with other position encodings (YaRN, multimodal rotary) take the plain path: every request
+recomputed in full, with Megatron's own attention. Both paths give the same numbers up to float rounding.
 
 On CPU, both paths run the model's float32 linear layers through oneDNN's kernel (`OneDnnLinear`, with
 weights reordered once into its blocked layout) rather than PyTorch's default MKL call, about twice as
@@ -68,7 +70,7 @@ def fast_path_unsupported(model: torch.nn.Module) -> str | None:
     from megatron.core.transformer.attention import SelfAttention
 
     config = model.config
-    if getattr(model, "position_embedding_type", None) != "learned_absolute":
+    if getattr(model, "position_embedding_type", None) not in ("learned_absolute", "rope"):
         return f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r}"
     for name, unsupported in (
         ("multi_latent_attention", bool(getattr(config, "multi_latent_attention", False))),
@@ -153,6 +155,11 @@ class Engine:
             cache_positions=self.sizes.cache_positions,
             hidden_size=model.config.hidden_size,
         )
+        # rotary angles of every position of the window [window, 1, 1, d'], from the model's own rotary module
+        # (its base, percent, scaling and interpolation): the fast path applies them at each token's position
+        self._rotary = None
+        if self.plain_reason is None and model.position_embedding_type == "rope":
+            self._rotary = model.rotary_pos_emb(max_sequence_length).float().to(self.device)
         output_bytes = OUTPUT_BYTES_CPU if self.device.type == "cpu" else OUTPUT_BYTES_GPU
         self.backend = backend_for(model, vocab_size, max(1, output_bytes // (4 * vocab_size)), gather_logits)
 
@@ -189,12 +196,23 @@ class Engine:
         config = self.model.config
         scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         for layer, module in enumerate(attentions):
-            module.core_attention = FastAttention(scale, layer)
+            module.core_attention = FastAttention(scale, layer, bool(getattr(config, "rotary_interleaved", False)))
+        if self._rotary is not None:  # FastAttention rotates queries and keys at the plan's positions instead
+            self.model.position_embedding_type = "none"
         try:
             yield
         finally:
             for module, original in zip(attentions, originals):
                 module.core_attention = original
+            if self._rotary is not None:
+                self.model.position_embedding_type = "rope"
+
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The rotary angles of `positions` [b, s] as the engine's attention takes them: [s, b, 1, d'] (None
+        for a model with learned positions)."""
+        if self._rotary is None:
+            return None
+        return self._rotary[positions.t()].squeeze(-2)
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.as_tensor(values, dtype=dtype).to(self.device)
@@ -307,7 +325,8 @@ class Engine:
         start there. With `kept`, each layer leaves the pass's keys and values there. Returns what `read` took
         and the offset of each row's first node in the pass."""
         offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
-        plan = Trees(trunks=trunks, kept=kept)
+        positions = self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0)
+        plan = Trees(trunks=trunks, kept=kept, rotary=self._angles(positions))
         if self.padded_trees:
             dtype = next(self.model.parameters()).dtype
             plan.padded = tree_batches(rows, offsets, first_position, self.model.config, dtype, self.device)
@@ -318,7 +337,7 @@ class Engine:
                 plan.rows.append((first, torch.from_numpy(seen)[None, None].to(self.device)))
         read_picks = self.backend(
             self._tensor([t for row in rows for t in row.tokens]).unsqueeze(0),
-            self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0),
+            positions,
             plan,
             self._tensor([0] * len(picks)),
             self._tensor([offsets[r] + node for r, node in picks]),
@@ -432,10 +451,11 @@ class Engine:
                     caches = [tuple(t.index_select(0, rows) for t in cache) for cache in caches]
                     padding, kept = padding.index_select(0, rows), live
                 row_of = {k: i for i, k in enumerate(kept)}
+                positions = self._tensor([len(prompts[k]) + step if k in taken else 0 for k in kept]).unsqueeze(1)
                 best = self.backend(
                     self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
-                    self._tensor([len(prompts[k]) + step if k in taken else 0 for k in kept]).unsqueeze(1),
-                    Decoding(caches, padding, step, trunks),
+                    positions,
+                    Decoding(caches, padding, step, trunks, self._angles(positions)),
                     self._tensor([row_of[k] for k in live]),
                     self._tensor([0] * len(live)),
                     GREEDY,
