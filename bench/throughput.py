@@ -8,7 +8,7 @@ of HELM requests, three engines, one process:
 
 * ``ours``: the hook's engine as the hook uses it: ``InProcessModel(Engine(...), tokenizer)``; for each HELM
   run, ``prefetch`` the run's request states in batches, then ``answer`` each request;
-* ``helm_hf``: HELM's own ``HuggingFaceClient`` on the weights exported with ``export.to_hf_gpt2``, executed by
+* ``helm_hf``: HELM's own ``HuggingFaceClient`` on the weights exported with ``export.to_hf``, executed by
   HELM's ``Executor`` with helm-run's default parallelism (4 threads) and no request cache;
 * ``lm_eval``: lm-evaluation-harness's ``HFLM`` on the exported weights, with the same batch size as ours:
   ``loglikelihood`` for the scoring requests, ``generate_until`` (greedy) for the generation requests.
@@ -276,10 +276,10 @@ def make_ours(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Any:
 
 def export_hf(model: torch.nn.Module, data: Data, tokenizer: Any, folder: Path) -> Path:
     """The weights as a Hugging Face GPT-2 folder (model and tokenizer), as `megatron-eval export-hf` writes it."""
-    from megatron_eval_hook.export import gpt2_tokenizer, to_hf_gpt2
+    from megatron_eval_hook.export import gpt2_tokenizer, to_hf
 
     hf_tokenizer = gpt2_tokenizer(data.vocab_file, data.merge_file)
-    to_hf_gpt2(model, vocab_size=tokenizer.vocab_size, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
+    to_hf(model, vocab_size=tokenizer.vocab_size, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     return folder
 

@@ -62,14 +62,15 @@ def _results(args: argparse.Namespace) -> int:
 
 def _export_hf(args: argparse.Namespace) -> int:
     from megatron_eval_hook.checkpoints import CheckpointError
-    from megatron_eval_hook.export import NotGPT2, export_checkpoint
+    from megatron_eval_hook.export import NotExportable, export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, vocab_file=args.vocab_file, merge_file=args.merge_file)
-    except (FileNotFoundError, NotGPT2, CheckpointError) as error:
+    except (FileNotFoundError, NotExportable, CheckpointError) as error:
         print(f"megatron-eval export-hf: {error}", file=sys.stderr)
         return 2
-    print(f"wrote a Hugging Face GPT-2 model and tokenizer to {out}")
+    model_type = json.loads((out / "config.json").read_text()).get("model_type", "?")
+    print(f"wrote a Hugging Face {model_type} model and tokenizer to {out}")
     return 0
 
 
@@ -352,11 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--all-metrics", action="store_true", help="every metric, not only each main metric")
     results.add_argument("--format", choices=("table", "json"), default="table")
     results.set_defaults(handler=_results)
-    export = commands.add_parser("export-hf", help="write a GPT-2 checkpoint as a Hugging Face model folder")
+    export = commands.add_parser("export-hf", help="write a GPT-2 or Llama checkpoint as a Hugging Face folder")
     export.add_argument("--checkpoint", required=True, help="torch_dist save folder or one of its iter_* folders")
     export.add_argument("--out", required=True, help="folder for the Hugging Face model and tokenizer")
-    export.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json (default: the checkpoint's)")
-    export.add_argument("--merge-file", default=None, help="GPT-2 merges.txt (default: the checkpoint's)")
+    export.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json (default: the checkpoint's)")
+    export.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (default: the checkpoint's)")
     export.set_defaults(handler=_export_hf)
     _add_view_commands(commands)
     backfill = commands.add_parser("backfill", help="evaluate checkpoints already on disk, as the hook would have")

@@ -107,9 +107,7 @@ def tiny_llama(vocab_size: int, max_sequence_length: int = 256, seed: int = 0, m
         get_gpt_layer_local_spec(normalization="RMSNorm"),
         vocab_size=vocab_size + 3,
         max_sequence_length=max_sequence_length,
-        position_embedding_type="rope",
-        share_embeddings_and_output_weights=False,
-        **(model or {}),
+        **{"position_embedding_type": "rope", "share_embeddings_and_output_weights": False, **(model or {})},
     )
     return gpt.eval()
 

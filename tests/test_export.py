@@ -1,11 +1,13 @@
-"""Megatron GPT-2 → Hugging Face GPT-2: the exported model computes the same log-probabilities."""
+"""Megatron GPT-2 → Hugging Face GPT-2, Megatron Llama-style → Hugging Face Llama: the exported model computes
+the same log-probabilities; what maps onto neither is refused with what differs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 
-from megatron_eval_hook.export import NotGPT2, to_hf_gpt2
+from megatron_eval_hook.export import NotExportable, to_hf
 
 
 def megatron_gpt2(vocab_size: int, *, tied: bool = True, seed: int = 3):
@@ -42,7 +44,7 @@ def megatron_logprobs(model, tokens: torch.Tensor, vocab_size: int) -> torch.Ten
 def test_the_exported_model_gives_the_same_logprobs(megatron_world, tied):
     vocab = 77
     model = megatron_gpt2(vocab, tied=tied)
-    hf = to_hf_gpt2(model, vocab_size=vocab)
+    hf = to_hf(model, vocab_size=vocab)
     tokens = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = torch.log_softmax(hf(tokens).logits.float(), -1)
@@ -51,36 +53,66 @@ def test_the_exported_model_gives_the_same_logprobs(megatron_world, tied):
     assert torch.allclose(theirs, ours, atol=1e-4), float((theirs - ours).abs().max())
 
 
-def test_a_model_that_is_not_gpt2_is_refused(megatron_world):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=1, hidden_size=32, num_attention_heads=4, use_cpu_initialization=True, normalization="RMSNorm"
-    )
-    rope = GPTModel(
-        config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=80, max_sequence_length=64,
-        position_embedding_type="rope",
-    )  # fmt: skip
-    with pytest.raises(NotGPT2, match="rope.*RMSNorm"):
-        to_hf_gpt2(rope, vocab_size=77)
+LLAMA_VARIANTS = {
+    "llama": {},
+    "full attention, tied, biases": dict(
+        num_query_groups=None, add_bias_linear=True, model=dict(share_embeddings_and_output_weights=True)
+    ),
+    "llama3 scaling": dict(model=dict(rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000)),
+    "interpolated": dict(model=dict(seq_len_interpolation_factor=4.0)),
+}
 
 
-def save_checkpoint(model, folder, vocab_file, merge_file):
-    """A torch_dist checkpoint of `model` as Megatron writes it: sharded tensors plus its args."""
+@pytest.mark.parametrize("variant", list(LLAMA_VARIANTS))
+def test_a_llama_style_model_exports_to_llama_with_the_same_logprobs(megatron_world, variant):
+    from transformers import LlamaForCausalLM
+
+    vocab = 77
+    model = tiny_llama(vocab, **LLAMA_VARIANTS[variant])
+    with torch.no_grad():  # non-trivial norms, so a mapping mistake shows
+        for name, parameter in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    hf = to_hf(model, vocab_size=vocab)
+    assert isinstance(hf, LlamaForCausalLM)
+    tokens = torch.randint(0, vocab, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = torch.log_softmax(hf(tokens).logits.float(), -1)
+    ours = megatron_logprobs(model, tokens, vocab)
+    assert torch.allclose(theirs, ours, atol=1e-4), float((theirs - ours).abs().max())
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(model=dict(rotary_percent=0.5)), "cover 0.5 of each head"),
+        (dict(rotary_interleaved=True), "interleaved channel pairs"),
+        (dict(qk_layernorm=True), "layer-normalized"),
+        (dict(gated_linear_unit=False, activation_func=torch.nn.functional.gelu), "not SwiGLU"),
+    ],
+    ids=["half rotary", "interleaved", "qk layernorm", "gelu"],
+)
+def test_what_maps_onto_no_hugging_face_model_exactly_is_refused(megatron_world, changes, reason):
+    with pytest.raises(NotExportable, match=f"as Llama: .*{reason}"):
+        to_hf(tiny_llama(77, **changes), vocab_size=77)
+
+
+def save_checkpoint(model, folder, vocab_file, merge_file, **changes):
+    """A torch_dist checkpoint of `model` as Megatron writes it: sharded tensors plus its args (`changes`:
+    arguments other than a GPT-2's)."""
     import argparse
 
     from megatron.core import dist_checkpointing
 
     config = model.config
-    args = argparse.Namespace(
+    gpt2 = dict(
         num_layers=config.num_layers, num_attention_heads=config.num_attention_heads, num_query_groups=None,
         layernorm_epsilon=config.layernorm_epsilon, position_embedding_type="learned_absolute",
         normalization="LayerNorm", swiglu=False, group_query_attention=False, add_bias_linear=True,
         bias_gelu_fusion=False, untie_embeddings_and_output_weights=False,
         vocab_file=str(vocab_file), merge_file=str(merge_file),
     )  # fmt: skip
+    args = argparse.Namespace(**{**gpt2, **changes})
     state = model.sharded_state_dict()
     state["args"] = args
     folder.mkdir(parents=True)
@@ -119,3 +151,28 @@ def test_export_hf_names_a_missing_tokenizer_file(megatron_world, tmp_path, caps
     assert main(["export-hf", "--checkpoint", str(tmp_path / "iter_0000001"), "--out", str(tmp_path / "hf")]) == 2
     error = capsys.readouterr().err
     assert "gone.json" in error and "--vocab-file" in error
+
+
+def test_export_hf_writes_a_llama_folder_for_a_llama_style_checkpoint(megatron_world, demo_data, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from megatron_eval_hook.cli import main
+
+    vocab = 2048  # the demo tokenizer's
+    model = tiny_llama(vocab, model=dict(rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000))
+    config = model.config
+    llama = dict(
+        position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+        group_query_attention=True, num_query_groups=config.num_query_groups, untie_embeddings_and_output_weights=True,
+        kv_channels=config.kv_channels, hidden_size=config.hidden_size, rotary_base=500000, rotary_percent=1.0,
+        rotary_interleaved=False, use_rope_scaling=True, rope_scaling_factor=8.0,
+        rotary_seq_len_interpolation_factor=None, qk_layernorm=False,
+    )  # fmt: skip
+    save_checkpoint(model, tmp_path / "iter_0000003", demo_data.vocab_file, demo_data.merge_file, **llama)
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "iter_0000003"), "--out", str(tmp_path / "hf")]) == 0
+
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, vocab, (1, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = torch.log_softmax(hf(tokens).logits.float(), -1)
+    assert torch.allclose(theirs, megatron_logprobs(model, tokens, vocab), atol=1e-4)

@@ -2,7 +2,7 @@
 
 Both evaluate the tiny GPT-2 trained on the demo corpus (`trained_gpt2` in conftest.py) on the same
 run entries: (a) this project's in-process client and engine, (b) HELM's plain Runner with its
-HuggingFaceClient on the model exported with `to_hf_gpt2`, registered as a local deployment. For
+HuggingFaceClient on the model exported with `to_hf`, registered as a local deployment. For
 generation and multiple-choice-joint runs the completions and the per-instance correctness are
 identical; for separate runs the log-probabilities HELM reads agree within 1e-4; every statistic
 in stats.json and per_instance_stats.json agrees, but for EXCLUDED_STATS and LOGPROB_STATS (see
@@ -24,7 +24,7 @@ import torch
 from conftest import TRAINED_PADDING, TRAINED_WINDOW
 
 from megatron_eval_hook.engine import Engine
-from megatron_eval_hook.export import gpt2_tokenizer, to_hf_gpt2
+from megatron_eval_hook.export import gpt2_tokenizer, to_hf
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
 from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer, register_model
 from megatron_eval_hook.helm.reference import plain_runner, register_hf_deployment
@@ -137,7 +137,7 @@ def both_paths(trained_gpt2, demo_data, tmp_path_factory) -> Paths:
     ours, specs = run_ours(engine, tokenizer, ENTRIES, "fidelity", tmp / "ours", demo_data.helm_dir)
     folder = tmp / "hf"
     hf_tokenizer = gpt2_tokenizer(demo_data.vocab_file, demo_data.merge_file)
-    to_hf_gpt2(trained_gpt2, vocab_size=VOCAB, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
+    to_hf(trained_gpt2, vocab_size=VOCAB, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     theirs = run_reference(
         specs,

@@ -159,8 +159,8 @@ def gpt2_args(tmp_path, **changes) -> SimpleNamespace:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"swiglu": True}, "not a GPT-2 model: the MLP is not a plain GELU MLP"),
-        ({"position_embedding_type": "rope"}, "position embeddings are 'rope'"),
+        ({"swiglu": True}, "neither a GPT-2 nor a Llama model; as GPT-2: the MLP is not a plain GELU MLP"),
+        ({"position_embedding_type": "rope"}, "as Llama: normalization is LayerNorm, not RMSNorm"),
         ({"tokenizer_type": "HuggingFaceTokenizer"}, "--tokenizer-type is HuggingFaceTokenizer"),
         ({"merge_file": None}, "--merge-file None is not a file"),
         ({"save": "SAVE"}, "it is the run's --save folder"),
@@ -176,4 +176,10 @@ def test_export_hf_that_cannot_be_written_is_refused_before_training(tmp_path, d
     with pytest.raises(ConfigError, match="export_hf=") as refused:
         EvalHook(config, gpt2_args(tmp_path, **changes))
     assert message in str(refused.value) and "Fix:" in str(refused.value)
-    EvalHook(config, gpt2_args(tmp_path))  # the same config on a GPT-2 run is accepted
+    EvalHook(config, gpt2_args(tmp_path))  # the same config on a GPT-2 run is accepted, and on a Llama-style one
+    llama = dict(
+        position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+        group_query_attention=True, num_query_groups=2, kv_channels=8, hidden_size=32, rotary_base=10000,
+        rotary_percent=1.0, use_rope_scaling=False, rotary_seq_len_interpolation_factor=None,
+    )  # fmt: skip
+    EvalHook(config, gpt2_args(tmp_path, **llama))
