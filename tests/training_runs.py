@@ -26,6 +26,13 @@ TINY = (
     "--tokenizer-type", "GPT2BPETokenizer", "--split", "100,0,0",
 )  # fmt: skip
 
+# TINY made Llama-style: rotary positions, RMSNorm, SwiGLU, 2 query groups, no biases, untied embeddings
+# (Megatron's fused rotary kernel needs Transformer Engine: off on CPU).
+LLAMA = (
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--group-query-attention",
+    "--num-query-groups", "2", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--no-rope-fusion",
+)  # fmt: skip
+
 
 def training_command(
     tmp: Path,

@@ -5,7 +5,10 @@ provider, forward step and dataset provider. The only addition to a stock run is
 ``install(args)``: with ``--eval-hook-config`` it evaluates every saved checkpoint with HELM.
 
 GPT-2 architecture: learned absolute positions, LayerNorm, GELU, tied input/output
-embeddings (Megatron's defaults). Supports tensor, pipeline and data parallelism.
+embeddings (Megatron's defaults); or Llama-style with ``--position-embedding-type rope
+--normalization RMSNorm --swiglu`` (and, as usual with it, ``--group-query-attention
+--num-query-groups N --disable-bias-linear --untie-embeddings-and-output-weights``). Supports tensor,
+pipeline and data parallelism.
 
 Launch with torchrun, e.g. ``torchrun --nproc-per-node 8 pretrain_gpt2.py <megatron args>``, with
 ``megatron_eval_hook`` importable (``pip install -e .`` or PYTHONPATH). Without a GPU,
@@ -42,20 +45,24 @@ from megatron_eval_hook import add_eval_hook_args, install
 
 
 def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """Build one (pipeline stage of a) GPT-2 model; Megatron wraps it in DDP afterwards."""
+    """Build one (pipeline stage of a) GPT-2 or Llama-style model; Megatron wraps it in DDP afterwards."""
     args = get_args()
-    assert args.position_embedding_type == "learned_absolute", "GPT-2 uses learned absolute positions"
-    assert args.normalization == "LayerNorm", "GPT-2 uses LayerNorm"
-    assert not (args.swiglu or args.squared_relu), "GPT-2 uses a GELU MLP"
-    assert args.num_experts is None, "GPT-2 is a dense model"
-    print_rank_0("building GPT-2 model ...")
+    llama = args.position_embedding_type == "rope"
+    if llama:
+        assert args.normalization == "RMSNorm" and args.swiglu, "Llama-style: rope with RMSNorm and --swiglu"
+    else:
+        assert args.position_embedding_type == "learned_absolute", "GPT-2 uses learned absolute positions"
+        assert args.normalization == "LayerNorm", "GPT-2 uses LayerNorm"
+        assert not (args.swiglu or args.squared_relu), "GPT-2 uses a GELU MLP"
+    assert args.num_experts is None, "a dense model"
+    print_rank_0(f"building {'Llama-style' if llama else 'GPT-2'} model ...")
 
     if config is None:
         config = core_transformer_config_from_args(args)
     if args.transformer_impl == "local":
-        layer_spec = get_gpt_layer_local_spec(normalization=args.normalization)
+        layer_spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
     else:
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
 
     return GPTModel(
         config=config,
@@ -67,7 +74,12 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
         fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
         parallel_output=True,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type="learned_absolute",
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
