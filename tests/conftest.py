@@ -104,7 +104,7 @@ def tiny_llama(vocab_size: int, max_sequence_length: int = 256, seed: int = 0, m
     )  # fmt: skip
     gpt = GPTModel(
         TransformerConfig(**{**settings, **config}),
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=bool(config.get("qk_layernorm"))),
         vocab_size=vocab_size + 3,
         max_sequence_length=max_sequence_length,
         **{"position_embedding_type": "rope", "share_embeddings_and_output_weights": False, **(model or {})},

@@ -156,13 +156,15 @@ ROTARY_VARIANTS = {
     "interleaved": dict(rotary_interleaved=True),
     "interpolated": dict(model=dict(seq_len_interpolation_factor=2.0, rotary_base=500)),
     "llama3-scaling": dict(model=dict(rope_scaling=True, rope_scaling_factor=8.0)),
+    "qk-layernorm": dict(qk_layernorm=True),
 }
 
 
 @pytest.mark.parametrize("variant", list(ROTARY_VARIANTS))
 def test_rotary_variants_take_the_fast_path_with_megatrons_own_angles(megatron_world, char_tokenizer, variant):
     """Megatron's rotary options (the part of each head rotated, the channel layout, the base, position
-    interpolation, Llama 3 scaling): the fast path rotates as Megatron's own attention does."""
+    interpolation, Llama 3 scaling) and normalized queries and keys: the fast path rotates as Megatron's own
+    attention does."""
     vocab = char_tokenizer.vocab_size
     rotary = tiny_llama(vocab, **ROTARY_VARIANTS[variant])
     subject = engine(rotary, vocab, decode=_spell_count)

@@ -1,7 +1,8 @@
-"""The CPU demo: a tiny GPT-2 pretraining whose every save is evaluated with HELM in-process.
+"""The CPU demo: a tiny GPT-2 (or Llama-style) pretraining whose every save is evaluated with HELM in-process.
 
     python examples/pretrain_gpt2/demo.py --out outputs/demo      (what `make demo` runs)
     python examples/pretrain_gpt2/demo.py --out outputs/demo-async --override placement=async
+    python examples/pretrain_gpt2/demo.py --out outputs/demo-llama --arch llama
 
 1. Generates the demo's data (corpus, BPE tokenizer, Megatron .bin/.idx, HELM benchmark files).
 2. Runs Megatron's real training loop (`pretrain_gpt2.py` under torchrun, one CPU process) with
@@ -41,6 +42,12 @@ MODEL_ARGS = [
     "--position-embedding-type", "learned_absolute",
     "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
 ]  # fmt: skip
+# --arch llama: the same sizes Llama-style (rotary positions, RMSNorm, SwiGLU, 2 query groups, no biases,
+# untied embeddings; Megatron's fused rotary kernel needs Transformer Engine, so it is off on CPU).
+LLAMA_ARGS = [
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--group-query-attention",
+    "--num-query-groups", "2", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--no-rope-fusion",
+]  # fmt: skip
 TRAINING_ARGS = [
     "--micro-batch-size", "16", "--global-batch-size", "16",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
@@ -49,9 +56,9 @@ TRAINING_ARGS = [
 ]  # fmt: skip
 
 
-def train(out: Path, data, iterations: int, save_interval: int, overrides: list[str]) -> None:
+def train(out: Path, data, iterations: int, save_interval: int, overrides: list[str], arch: str = "gpt2") -> None:
     command = torchrun_command([
-        str(PRETRAIN_GPT2), *MODEL_ARGS, *TRAINING_ARGS, *CPU_ARGS,
+        str(PRETRAIN_GPT2), *MODEL_ARGS, *(LLAMA_ARGS if arch == "llama" else []), *TRAINING_ARGS, *CPU_ARGS,
         "--train-iters", str(iterations), "--save-interval", str(save_interval),
         "--save", str(out / "checkpoints"),
         "--tokenizer-type", "GPT2BPETokenizer",
@@ -129,6 +136,7 @@ def main() -> int:
     parser.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="one more hook config override"
     )
+    parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2", help="the model's architecture")
     args = parser.parse_args()
     out = args.out.resolve()
     if out.exists():
@@ -136,7 +144,7 @@ def main() -> int:
     started = time.time()
     data = make_demo_data(out / "data")
     print(f"demo data written to {data.root} in {time.time() - started:.1f} s")
-    train(out, data, args.iterations, args.save_interval, args.override)
+    train(out, data, args.iterations, args.save_interval, args.override, args.arch)
     status = report(out, args.iterations, args.save_interval, args.min_rise)
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return status
