@@ -145,21 +145,42 @@ class SharedBuffer:
 def load_snapshot(gpt: Any, shards: Sequence[Shard], buffer: torch.Tensor) -> None:
     """Write the snapshot in `buffer` (described by `shards`, from every rank) into `gpt`, a GPTModel
     without tensor or pipeline parallelism. Raises ValueError when the snapshot does not cover a
-    tensor of `gpt` exactly."""
-    targets = {(shard.key, shard.global_offset[: shard.stacked]): tensor for shard, tensor in main_replicas([gpt])}
-    filled = dict.fromkeys(targets, 0)
+    tensor of `gpt` exactly.
+
+    A tensor of `gpt` may itself be several pieces of one checkpoint tensor (SwiGLU's fc1: its gate and
+    its up halves, each a view of the parameter): each snapshot shard is written into every piece it
+    overlaps, at the overlap."""
+    targets: dict[tuple, list[tuple[Shard, torch.Tensor]]] = {}
+    for target, tensor in main_replicas([gpt]):
+        targets.setdefault((target.key, target.global_offset[: target.stacked]), []).append((target, tensor))
+    filled = {id(tensor): 0 for pieces in targets.values() for _, tensor in pieces}
     with torch.no_grad():
         for shard in shards:
             where = (shard.key, shard.global_offset[: shard.stacked])
             if where not in targets:
                 raise ValueError(f"the snapshot holds {shard.key} {where[1]}, which the evaluation model lacks")
-            target = targets[where]
-            region = tuple(
-                slice(start, start + size) for start, size in zip(shard.global_offset[shard.stacked :], shard.shape)
-            )
-            target[region].copy_(view(buffer, shard))
-            filled[where] += _numel(shard.shape)
-    partial = [f"{key} {offset}" for (key, offset), count in filled.items() if count != targets[key, offset].numel()]
+            source = view(buffer, shard)
+            for target, tensor in targets[where]:
+                overlap = []
+                for start, size, target_start, target_size in zip(
+                    shard.global_offset[shard.stacked :], shard.shape,
+                    target.global_offset[target.stacked :], target.shape,
+                ):  # fmt: skip
+                    first, last = max(start, target_start), min(start + size, target_start + target_size)
+                    if first >= last:
+                        break
+                    overlap.append((first, last, start, target_start))
+                else:
+                    tensor[tuple(slice(f - t, e - t) for f, e, _, t in overlap)].copy_(
+                        source[tuple(slice(f - s, e - s) for f, e, s, _ in overlap)]
+                    )
+                    filled[id(tensor)] += _numel([e - f for f, e, _, _ in overlap])
+    partial = [
+        f"{target.key} {target.global_offset}"
+        for pieces in targets.values()
+        for target, tensor in pieces
+        if filled[id(tensor)] != tensor.numel()
+    ]
     if partial:
         raise ValueError(f"the snapshot does not cover {len(partial)} tensor(s) of the model, e.g. {partial[:3]}")
 

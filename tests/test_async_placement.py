@@ -15,6 +15,7 @@ import pytest
 from training_runs import (
     BENCHMARKS,
     HOOKED_BENCHMARKS,
+    LLAMA,
     LiveTraining,
     assert_exports_equal_the_checkpoints,
     backfill,
@@ -91,6 +92,7 @@ def test_async_scores_are_in_the_training_runs_wandb_and_tensorboard(async_hooke
         pytest.param([], id="DP=2"),  # rank 0 holds the only main replicas, the last rank none
         pytest.param(["--tensor-model-parallel-size", "2"], id="TP=2"),
         pytest.param(["--pipeline-model-parallel-size", "2"], id="PP=2"),
+        pytest.param(["--tensor-model-parallel-size", "2", *LLAMA], id="Llama-style TP=2"),  # SwiGLU's fc1 halves
     ],
 )
 def test_shards_of_two_ranks_are_assembled_into_the_checkpoints_model(layout, demo_data, tmp_path, monkeypatch):
