@@ -47,7 +47,11 @@ MODEL_ARGS = [
 LLAMA_ARGS = [
     "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--group-query-attention",
     "--num-query-groups", "2", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--no-rope-fusion",
+    # it learns faster than the GPT-2: at 3e-3 it knew 10 of the 14 facts by the first save (iteration 25), at
+    # 1e-3 9 of them; saved every 10 iterations (SAVE_INTERVAL) at 1e-3, 4 at iteration 10 and 9 at 30
+    "--lr", "1e-3", "--min-lr", "1e-4",
 ]  # fmt: skip
+SAVE_INTERVAL = {"gpt2": 25, "llama": 10}
 TRAINING_ARGS = [
     "--micro-batch-size", "16", "--global-batch-size", "16",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
@@ -58,7 +62,7 @@ TRAINING_ARGS = [
 
 def train(out: Path, data, iterations: int, save_interval: int, overrides: list[str], arch: str = "gpt2") -> None:
     command = torchrun_command([
-        str(PRETRAIN_GPT2), *MODEL_ARGS, *(LLAMA_ARGS if arch == "llama" else []), *TRAINING_ARGS, *CPU_ARGS,
+        str(PRETRAIN_GPT2), *MODEL_ARGS, *TRAINING_ARGS, *(LLAMA_ARGS if arch == "llama" else []), *CPU_ARGS,
         "--train-iters", str(iterations), "--save-interval", str(save_interval),
         "--save", str(out / "checkpoints"),
         "--tokenizer-type", "GPT2BPETokenizer",
@@ -131,7 +135,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "demo")
     parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--save-interval", type=int, default=25)
+    parser.add_argument("--save-interval", type=int, default=None, help="default: 25 (gpt2), 10 (llama)")
     parser.add_argument("--min-rise", type=float, default=0.3)
     parser.add_argument(
         "--override", action="append", default=[], metavar="KEY=VALUE", help="one more hook config override"
@@ -144,8 +148,9 @@ def main() -> int:
     started = time.time()
     data = make_demo_data(out / "data")
     print(f"demo data written to {data.root} in {time.time() - started:.1f} s")
-    train(out, data, args.iterations, args.save_interval, args.override, args.arch)
-    status = report(out, args.iterations, args.save_interval, args.min_rise)
+    save_interval = args.save_interval or SAVE_INTERVAL[args.arch]
+    train(out, data, args.iterations, save_interval, args.override, args.arch)
+    status = report(out, args.iterations, save_interval, args.min_rise)
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return status
 
