@@ -23,8 +23,8 @@ def decode(tokens: list[int]) -> str:
 def sharded_model(tp: int = 1, pp: int = 1, arch: str = "gpt"):
     """A 4-layer GPT with grouped queries (2 groups), sized so that it splits over TP=2 and PP=2; this rank's
     part under Megatron's parallel state (the whole model at TP = PP = 1). Seeded, in eval mode. `arch`:
-    "gpt" (GPT-2 style: learned positions, GELU, LayerNorm, biases, tied embeddings) or "llama" (rotary
-    positions, SwiGLU, RMSNorm, no biases, untied embeddings)."""
+    "gpt" (GPT-2 style: learned positions, GELU, LayerNorm, biases) or "llama" (rotary positions, SwiGLU,
+    RMSNorm, no biases); both with untied embeddings."""
     import torch.nn.functional as F
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -46,11 +46,10 @@ def sharded_model(tp: int = 1, pp: int = 1, arch: str = "gpt"):
     )  # fmt: skip
     return GPTModel(
         config,
-        get_gpt_layer_local_spec(normalization="RMSNorm" if llama else None),
+        get_gpt_layer_local_spec(normalization="RMSNorm") if llama else get_gpt_layer_local_spec(),
         vocab_size=PADDED_VOCAB,
         max_sequence_length=64,
         position_embedding_type="rope" if llama else "learned_absolute",
-        share_embeddings_and_output_weights=not llama,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     ).eval()
