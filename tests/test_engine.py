@@ -187,8 +187,8 @@ def test_rotary_angles_at_packed_positions_instead_of_tree_depths_change_the_sco
     vocab = char_tokenizer.vocab_size
     rotary = tiny_llama(vocab)
     expected = engine(rotary, vocab, fast=False).score(SEQUENCES)
-    angles = Engine._angles
-    monkeypatch.setattr(Engine, "_angles", lambda self, p: angles(self, torch.arange(p.numel()).view_as(p)))
+    rotation = Engine._rotation
+    monkeypatch.setattr(Engine, "_rotation", lambda self, p: rotation(self, torch.arange(p.numel()).view_as(p)))
     mutant = engine(rotary, vocab).score(SEQUENCES)
     worst = max(abs(a - b) for got, want in zip(mutant, expected) for a, b in zip(got, want))
     assert worst > 1e-2

@@ -20,6 +20,7 @@ PADDED_BATCH_BYTES = 256 << 20
 
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # keys, values [groups, positions, d]
+Rotation = tuple[torch.Tensor, torch.Tensor]  # cos and sin of rotary angles, in the queries' dtype
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Trees:
     padded: tuple[list[_TreeBatch], torch.Tensor] | None = None  # the batches, each position's place in them
     trunks: Sequence[KeysValues] | None = None  # one per layer
     kept: dict[int, KeysValues] | None = None
-    rotary: torch.Tensor | None = None  # [positions, 1, 1, d']: each position's rotary angles (`Rotary`)
+    rotary: Rotation | None = None  # each position's rotation: cos, sin [positions, 1, 1, d'] (`rotated`)
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Decoding:
     padding: torch.Tensor  # [rows, 1, 1, width] True where a prompt part has no key
     step: int
     trunks: Sequence[KeysValues] | None = None  # one per layer
-    rotary: torch.Tensor | None = None  # [1, rows, 1, d']: each row's new token's rotary angles (`Rotary`)
+    rotary: Rotation | None = None  # each row's new token's rotation: cos, sin [1, rows, 1, d'] (`rotated`)
 
 
 class FastAttention(torch.nn.Module):
@@ -167,13 +168,13 @@ class FastAttention(torch.nn.Module):
         return out.reshape(1, rows, heads * dim)
 
 
-def rotated(t: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """`t` [s, b, heads, d] with its first d' channels rotated by `angles` [s or 1, b or 1, 1, d'], as
-    Megatron's unfused rotary embedding does (cos and sin in float32, then in `t`'s dtype): by halves, or by
-    neighbouring pairs when `interleaved`."""
-    width = angles.shape[-1]
+def rotated(t: torch.Tensor, rotation: Rotation, interleaved: bool) -> torch.Tensor:
+    """`t` [s, b, heads, d] with its first d' channels rotated by angles whose cos and sin are `rotation`
+    ([s or 1, b or 1, 1, d'] each, computed in float32 and then cast to `t`'s dtype, as Megatron's unfused
+    rotary embedding does): by halves, or by neighbouring pairs when `interleaved`."""
+    cos, sin = rotation
+    width = cos.shape[-1]
     t, rest = t[..., :width], t[..., width:]
-    cos, sin = torch.cos(angles).to(t.dtype), torch.sin(angles).to(t.dtype)
     if interleaved:
         turned = torch.stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2)
     else:

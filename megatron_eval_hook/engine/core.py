@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from megatron_eval_hook.allocator import keep_freed_memory
-from megatron_eval_hook.engine.attention import Decoding, FastAttention, KeysValues, Trees, tree_batches
+from megatron_eval_hook.engine.attention import Decoding, FastAttention, KeysValues, Rotation, Trees, tree_batches
 from megatron_eval_hook.engine.backend import GREEDY, Targets, backend_for
 from megatron_eval_hook.engine.cpu import fast_linears, onednn_linear
 from megatron_eval_hook.engine.memory import Footprint, Sizes, fitted, usable_memory
@@ -147,19 +147,21 @@ class Engine:
         if self.device.type == "cpu":
             pass_positions = min(pass_positions, CPU_PASS_POSITIONS)
         configured = Sizes(pass_positions, CACHE_BATCHES * batch_size * row_tokens, batch_size * max_sequence_length)
-        self.memory = usable_memory(self.device) if memory is None else memory
-        self.sizes = fitted(configured, Footprint.of(model, max_sequence_length), self.memory, least=row_tokens)
+        memory = usable_memory(self.device) if memory is None else memory
+        self.sizes = fitted(configured, Footprint.of(model, max_sequence_length), memory, least=row_tokens)
         self.planner = Planner(
             row_tokens=row_tokens,
             pass_positions=self.sizes.pass_positions,
             cache_positions=self.sizes.cache_positions,
             hidden_size=model.config.hidden_size,
         )
-        # rotary angles of every position of the window [window, 1, 1, d'], from the model's own rotary module
-        # (its base, percent, scaling and interpolation): the fast path applies them at each token's position
-        self._rotary = None
+        # cos and sin of the rotary angles of every position of the window [window, 1, 1, d'], from the model's
+        # own rotary module (its base, percent, scaling and interpolation), computed once in float32 and cast to
+        # the model's dtype: the fast path rotates each token at its own position
+        self._rotary: Rotation | None = None
         if self.plain_reason is None and model.position_embedding_type == "rope":
-            self._rotary = model.rotary_pos_emb(max_sequence_length).float().to(self.device)
+            angles = model.rotary_pos_emb(max_sequence_length).float()
+            self._rotary = tuple(f(angles).to(self.device, dtype) for f in (torch.cos, torch.sin))
         output_bytes = OUTPUT_BYTES_CPU if self.device.type == "cpu" else OUTPUT_BYTES_GPU
         self.backend = backend_for(model, vocab_size, max(1, output_bytes // (4 * vocab_size)), gather_logits)
 
@@ -207,12 +209,13 @@ class Engine:
             if self._rotary is not None:
                 self.model.position_embedding_type = "rope"
 
-    def _angles(self, positions: torch.Tensor) -> torch.Tensor | None:
-        """The rotary angles of `positions` [b, s] as the engine's attention takes them: [s, b, 1, d'] (None
-        for a model with learned positions)."""
+    def _rotation(self, positions: torch.Tensor) -> Rotation | None:
+        """The rotation of `positions` [b, s] as the engine's attention takes it: cos and sin [s, b, 1, d']
+        each (None for a model with learned positions)."""
         if self._rotary is None:
             return None
-        return self._rotary[positions.t()].squeeze(-2)
+        index = positions.t()
+        return self._rotary[0][index].squeeze(-2), self._rotary[1][index].squeeze(-2)
 
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return torch.as_tensor(values, dtype=dtype).to(self.device)
@@ -305,9 +308,9 @@ class Engine:
         `sizes.plain_positions` positions but for a sequence alone; `width(k)`: the positions k takes."""
         batches, start = [], 0
         while start < len(order):
-            count = min(self.batch_size, self.sizes.plain_positions // max(width(order[start]), 1))
-            batches.append(order[start : start + max(count, 1)])
-            start += max(count, 1)
+            count = max(1, min(self.batch_size, self.sizes.plain_positions // max(width(order[start]), 1)))
+            batches.append(order[start : start + count])
+            start += count
         return batches
 
     def _packed_forward(
@@ -326,7 +329,7 @@ class Engine:
         and the offset of each row's first node in the pass."""
         offsets = list(itertools.accumulate((len(row.tokens) for row in rows[:-1]), initial=0))
         positions = self._tensor([first_position + d for row in rows for d in row.depths]).unsqueeze(0)
-        plan = Trees(trunks=trunks, kept=kept, rotary=self._angles(positions))
+        plan = Trees(trunks=trunks, kept=kept, rotary=self._rotation(positions))
         if self.padded_trees:
             dtype = next(self.model.parameters()).dtype
             plan.padded = tree_batches(rows, offsets, first_position, self.model.config, dtype, self.device)
@@ -455,7 +458,7 @@ class Engine:
                 best = self.backend(
                     self._tensor([taken.get(k, 0) for k in kept]).unsqueeze(1),  # ended rows feed a dummy
                     positions,
-                    Decoding(caches, padding, step, trunks, self._angles(positions)),
+                    Decoding(caches, padding, step, trunks, self._rotation(positions)),
                     self._tensor([row_of[k] for k in live]),
                     self._tensor([0] * len(live)),
                     GREEDY,
