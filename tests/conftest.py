@@ -131,21 +131,60 @@ def demo_data(tmp_path_factory):
 
 
 TRAINED_WINDOW = 256
-"""Context window (learned positions) of `trained_gpt2`, in tokens."""
+"""Context window of `trained_gpt2` and `trained_llama`, in tokens."""
 
 TRAINED_PADDING = 47
-"""Padded vocabulary rows of `trained_gpt2`: as many as Megatron adds to GPT-2's 50257 tokens (50304)."""
+"""Padded vocabulary rows of the trained models: as many as Megatron adds to GPT-2's 50257 tokens (50304)."""
 
 
 @pytest.fixture(scope="session")
 def trained_gpt2(megatron_world, demo_data):
-    """A tiny GPT-2 Megatron GPTModel trained on the demo corpus (`train_tiny_gpt2`); shared: do not modify it."""
-    return train_tiny_gpt2(demo_data)
+    """A tiny GPT-2 Megatron GPTModel trained on the demo corpus (`train_tiny`); shared: do not modify it."""
+    return train_tiny(demo_data, "gpt2")
 
 
-def train_tiny_gpt2(data, *, steps: int = 800, batch_size: int = 2, lr: float = 3e-3, seed: int = 0):
-    """A 2-layer, 64-wide GPT-2-architecture Megatron GPTModel (learned absolute positions, LayerNorm,
-    GELU, biases, tied embeddings, padded vocabulary), trained on CPU on the demo's data; in eval mode.
+@pytest.fixture(scope="session")
+def trained_llama(megatron_world, demo_data):
+    """A tiny Llama-style Megatron GPTModel trained on the demo corpus (`train_tiny`); shared: do not modify it."""
+    return train_tiny(demo_data, "llama")
+
+
+def tiny_architecture(arch: str, vocab_size: int, length: int):
+    """The untrained model `train_tiny` trains: 2 layers, 64 wide, 4 heads, a padded vocabulary.
+
+    "gpt2": learned absolute positions, LayerNorm, GELU, biases, tied embeddings. "llama": rotary
+    positions, RMSNorm, SwiGLU (ffn 128), grouped-query attention with 2 query groups, no biases,
+    untied embeddings."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    common = dict(num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                  hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+    if arch == "gpt2":
+        config, spec, position, tied = TransformerConfig(**common), get_gpt_layer_local_spec(), "learned_absolute", True
+    elif arch == "llama":
+        config = TransformerConfig(
+            **common, num_query_groups=2, ffn_hidden_size=128, normalization="RMSNorm", gated_linear_unit=True,
+            activation_func=F.silu, add_bias_linear=False,
+        )  # fmt: skip
+        spec, position, tied = get_gpt_layer_local_spec(normalization="RMSNorm"), "rope", False
+    else:
+        raise ValueError(f"unknown architecture {arch!r}: gpt2 or llama")
+    return GPTModel(
+        config,
+        spec,
+        vocab_size=vocab_size + TRAINED_PADDING,
+        max_sequence_length=length,
+        position_embedding_type=position,
+        share_embeddings_and_output_weights=tied,
+    )
+
+
+def train_tiny(data, arch: str, *, steps: int = 800, batch_size: int = 2, lr: float = 3e-3, seed: int = 0):
+    """A 2-layer, 64-wide Megatron GPTModel of architecture `arch` (`tiny_architecture`), trained on CPU on
+    the demo's data; in eval mode.
 
     Trained by this plain loop rather than by Megatron's training loop: the loop's checkpoints in
     this suite come from a few iterations (not trained), and training long enough to learn through
@@ -153,37 +192,23 @@ def train_tiny_gpt2(data, *, steps: int = 800, batch_size: int = 2, lr: float = 
     (documents joined by end-of-document tokens), in random windows of TRAINED_WINDOW tokens, so
     every position HELM's prompts use is trained. 800 AdamW steps of 2 windows (0.4 M tokens, about
     three quarters of the corpus; small batches learn far more per token here than large ones)
-    take about 20 s of CPU time. The model then knows the demo's facts (all 60 ``demo_facts``
-    questions right by HELM's separate-choice scoring) and continues HELM's prompts with varied,
-    corpus-like text; it is a poor reader (its BoolQ and MMLU-joint answers are mostly one guess),
-    which does not matter for comparing two implementations.
+    take about 20 s of CPU time. Either model then knows the demo's facts (nearly all 60
+    ``demo_facts`` questions right by HELM's separate-choice scoring) and continues HELM's prompts
+    with varied, corpus-like text; it is a poor reader (its BoolQ and MMLU-joint answers are mostly
+    one guess), which does not matter for comparing two implementations.
 
     The loss covers the tokenizer's vocabulary only, as the engine and the Hugging Face export do:
     the padded rows are never input and never in the loss, so they keep their random initial
     values, and an engine that let them into the softmax moves log-probabilities by up to about
-    1e-2 on this model (see the fidelity test's mutant check). Seeded: the same weights on every
+    1e-2 on these models (see the fidelity test's mutant checks). Seeded: the same weights on every
     run on the same machine.
     """
     import numpy as np
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
 
     vocab_size, length = 2048, TRAINED_WINDOW  # the demo tokenizer's vocabulary
     torch.manual_seed(seed)
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0,
-    )  # fmt: skip
-    model = GPTModel(
-        config,
-        get_gpt_layer_local_spec(),
-        vocab_size=vocab_size + TRAINED_PADDING,
-        max_sequence_length=length,
-        position_embedding_type="learned_absolute",
-        share_embeddings_and_output_weights=True,
-    )
+    model = tiny_architecture(arch, vocab_size, length)
     documents = IndexedDataset(str(data.data_prefix))
     stream = torch.from_numpy(np.concatenate([documents[i] for i in range(len(documents))]).astype(np.int64))
     generator = torch.Generator().manual_seed(seed)

@@ -1,16 +1,16 @@
 """Same weights, same requests: this project's engine and HELM's own HuggingFaceClient agree.
 
-Both evaluate the tiny GPT-2 trained on the demo corpus (`trained_gpt2` in conftest.py) on the same
-run entries: (a) this project's in-process client and engine, (b) HELM's plain Runner with its
-HuggingFaceClient on the model exported with `to_hf`, registered as a local deployment. For
-generation and multiple-choice-joint runs the completions and the per-instance correctness are
-identical; for separate runs the log-probabilities HELM reads agree within 1e-4; every statistic
-in stats.json and per_instance_stats.json agrees, but for EXCLUDED_STATS and LOGPROB_STATS (see
-there why) and HELM's worst cases over perturbations, which the hook leaves out of runs without
-perturbed instances, as all of these are (tests/test_helm_suite.py compares them where there are).
-The model knows the demo's facts and writes varied text, and checks below make sure of it, so that
-the agreement says something.
-"""
+Both evaluate each tiny model trained on the demo corpus (`trained_gpt2`, and the Llama-style
+`trained_llama`: RoPE, SwiGLU, RMSNorm, 2 query groups, untied; conftest.py) on the same run
+entries: (a) this project's in-process client and engine, on its fast path, (b) HELM's plain Runner
+with its HuggingFaceClient on the model exported with `to_hf` (GPT2LMHeadModel, LlamaForCausalLM),
+registered as a local deployment. For generation and multiple-choice-joint runs the completions and
+the per-instance correctness are identical; for separate runs the log-probabilities HELM reads agree
+within 1e-4; every statistic in stats.json and per_instance_stats.json agrees, but for EXCLUDED_STATS
+and LOGPROB_STATS (see there why) and HELM's worst cases over perturbations, which the hook leaves
+out of runs without perturbed instances, as all of these are (tests/test_helm_suite.py compares them
+where there are). Each model knows the demo's facts and writes varied text, and checks below make
+sure of it, so that the agreement says something; mutants of the engine with real mistakes fail."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAINED_PADDING, TRAINED_WINDOW
+from conftest import TRAINED_PADDING, TRAINED_WINDOW, tiny_architecture
 
 from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.export import gpt2_tokenizer, to_hf
@@ -117,6 +117,9 @@ def run_ours(engine: Engine, tokenizer, entries: list[str], key: str, output: Pa
 class Paths:
     """What both paths wrote."""
 
+    arch: str  # "gpt2" or "llama"
+    model: torch.nn.Module  # the trained Megatron model
+
     ours: Path  # HELM's runs folder, this project's path
     theirs: Path  # HELM's runs folder, HuggingFaceClient on the export
     specs: list  # the run specs, the same run names in both folders
@@ -124,28 +127,38 @@ class Paths:
     exported: Path  # the Hugging Face folder
 
 
-@pytest.fixture(scope="module")
-def both_paths(trained_gpt2, demo_data, tmp_path_factory) -> Paths:
-    from demo_data import load_megatron_tokenizer
-
-    tmp = tmp_path_factory.mktemp("fidelity")
-    tokenizer = load_megatron_tokenizer(demo_data.vocab_file, demo_data.merge_file, demo_data.root)
-    engine = Engine(
-        trained_gpt2, vocab_size=VOCAB, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod,
+def engine_for(model, tokenizer, vocab_size: int = VOCAB) -> Engine:
+    """The hook's engine on `model`, as the fidelity runs build it."""
+    return Engine(
+        model, vocab_size=vocab_size, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod,
         decode=MegatronTokenizer(tokenizer).decode,
     )  # fmt: skip
-    ours, specs = run_ours(engine, tokenizer, ENTRIES, "fidelity", tmp / "ours", demo_data.helm_dir)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def both_paths(request, demo_data, tmp_path_factory) -> Paths:
+    from demo_data import load_megatron_tokenizer
+
+    arch = request.param
+    model = request.getfixturevalue(f"trained_{arch}")
+    tmp = tmp_path_factory.mktemp(f"fidelity-{arch}")
+    tokenizer = load_megatron_tokenizer(demo_data.vocab_file, demo_data.merge_file, demo_data.root)
+    engine = engine_for(model, tokenizer)
+    assert engine.plain_reason is None  # the fast path is what is compared
+    ours, specs = run_ours(engine, tokenizer, ENTRIES, f"fidelity-{arch}", tmp / "ours", demo_data.helm_dir)
     folder = tmp / "hf"
     hf_tokenizer = gpt2_tokenizer(demo_data.vocab_file, demo_data.merge_file)
-    to_hf(trained_gpt2, vocab_size=VOCAB, end_of_text=hf_tokenizer.eos_token_id).save_pretrained(folder)
+    exported = to_hf(model, vocab_size=VOCAB, end_of_text=hf_tokenizer.eos_token_id)
+    assert type(exported).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    exported.save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     theirs = run_reference(
         specs,
         tmp / "theirs",
         demo_data.helm_dir,
-        register_hf_deployment(folder, name="reference/exported-gpt2", max_sequence_length=WINDOW),
+        register_hf_deployment(folder, name=f"reference/exported-{arch}", max_sequence_length=WINDOW),
     )
-    return Paths(ours, theirs, specs, tokenizer, folder)
+    return Paths(arch, model, ours, theirs, specs, tokenizer, folder)
 
 
 def request_states(runs: Path, spec) -> list[dict]:
@@ -246,9 +259,9 @@ def test_generation_and_joint_runs_give_identical_completions(both_paths):
 def test_generated_logprobs_match_the_exported_model(both_paths):
     """Greedy decoding with the exported model itself gives the same tokens, and the log-probabilities
     this project reports for them (HELM's HuggingFaceClient reports 0.0, see LOGPROB_STATS)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = GPT2LMHeadModel.from_pretrained(both_paths.exported).eval()
+    model = AutoModelForCausalLM.from_pretrained(both_paths.exported).eval()
     tokenizer = AutoTokenizer.from_pretrained(both_paths.exported)
     compared = 0
     for spec in filter(lambda s: not is_separate(s), both_paths.specs):
@@ -301,19 +314,70 @@ def test_the_trained_model_knows_the_facts(both_paths):
     assert len(scores) == INSTANCES and sum(scores) / len(scores) > 0.5, scores
 
 
-def test_an_engine_that_lets_padded_rows_in_fails_the_comparison(trained_gpt2, demo_data, both_paths, tmp_path):
-    """The comparison catches a real mistake on this model: a softmax over Megatron's padded vocabulary."""
+def separate_logprob_differences(
+    engine: Engine, both_paths: Paths, key: str, output: Path, data_dir: Path
+) -> list[float]:
+    """The separate (echo) runs on `engine`: per run, the largest difference from HELM's reference of the
+    log-probabilities HELM reads."""
     tokenizer = both_paths.tokenizer
-    padded = VOCAB + TRAINED_PADDING
-    mutant = Engine(
-        trained_gpt2, vocab_size=padded, max_sequence_length=WINDOW, batch_size=8, end_of_text=tokenizer.eod,
-        decode=MegatronTokenizer(tokenizer).decode,
-    )  # fmt: skip
     separate = [entry for entry in ENTRIES if "separate" in entry]
-    runs, specs = run_ours(mutant, tokenizer, separate, "fidelity-mutant", tmp_path, demo_data.helm_dir)
+    runs, specs = run_ours(engine, tokenizer, separate, key, output, data_dir)
     references = [spec for spec in both_paths.specs if is_separate(spec)]
-    for spec, reference in zip(specs, references, strict=True):
-        differences = logprob_differences(
-            request_states(runs, spec), request_states(both_paths.theirs, reference), tokenizer
-        )
-        assert max(differences) > 10 * TOLERANCE, spec.name  # caught with a wide margin
+    return [
+        max(logprob_differences(request_states(runs, spec), request_states(both_paths.theirs, reference), tokenizer))
+        for spec, reference in zip(specs, references, strict=True)
+    ]
+
+
+MISTAKES = ["padded vocabulary", "rotary at packed positions"]
+
+
+def mutant_engine(mistake: str, model, tokenizer, monkeypatch) -> Engine:
+    if mistake == "padded vocabulary":  # a softmax over Megatron's padded rows (they keep their random weights)
+        return engine_for(model, tokenizer, VOCAB + TRAINED_PADDING)
+
+    # rotary angles at each token's place in its packed row instead of its depth in its prefix tree
+    def packed(self, positions):
+        places = torch.arange(positions.shape[-1], device=positions.device).expand_as(positions)
+        return rotation(self, places % self.max_sequence_length)
+
+    rotation = Engine._rotation
+    monkeypatch.setattr(Engine, "_rotation", packed)
+    return engine_for(model, tokenizer)
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_an_engine_with_a_real_mistake_fails_the_comparison(both_paths, mistake, demo_data, monkeypatch, tmp_path):
+    """The comparison catches real mistakes on these models, on every separate run, beyond three times its
+    tolerance (the smallest margin measured: 3.8e-4, the padded rows of the Llama-style model, whose untied output
+    layer gives them logits near 0)."""
+    if mistake == "rotary at packed positions" and both_paths.arch != "llama":
+        pytest.skip("learned positions: no rotary angles")
+    mutant = mutant_engine(mistake, both_paths.model, both_paths.tokenizer, monkeypatch)
+    differences = separate_logprob_differences(
+        mutant, both_paths, f"fidelity-mutant-{both_paths.arch}", tmp_path, demo_data.helm_dir
+    )
+    print(f"{mistake}: largest read log-probability difference per run {differences}")
+    assert min(differences) > 3 * TOLERANCE, differences
+
+
+# Measured on the trained Llama-style model: the largest difference between a log-probability HELM reads from
+# the engine on the model cast to bf16 and from HELM's client on the float32 export, per separate run: 0.049
+# (demo_facts), 0.083 (HellaSwag). bf16 keeps 8 bits of mantissa: a weight or activation is off by up to 0.4%.
+BF16_BOUND = 0.2
+
+
+def test_bf16_weights_read_logprobs_within_a_bound_of_helms_float32_numbers(both_paths, demo_data, tmp_path):
+    """bf16 weights on the fast path (log-softmax and the read log-probs in float32) stay near the float32
+    reference."""
+    if both_paths.arch != "llama":
+        pytest.skip("bf16 is checked on the Llama-style model")
+    model = tiny_architecture("llama", VOCAB, WINDOW)
+    model.load_state_dict(both_paths.model.state_dict())
+    model = model.to(torch.bfloat16).eval()
+    engine = engine_for(model, both_paths.tokenizer)
+    assert engine.plain_reason is None
+    differences = separate_logprob_differences(engine, both_paths, "fidelity-bf16", tmp_path, demo_data.helm_dir)
+    print(f"bf16 vs float32 reference: largest read log-probability difference per run {differences}")
+    assert max(differences) <= BF16_BOUND
+    assert max(differences) > TOLERANCE  # bf16 rounding shows: the model really ran in bf16
