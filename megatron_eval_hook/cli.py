@@ -65,7 +65,13 @@ def _export_hf(args: argparse.Namespace) -> int:
     from megatron_eval_hook.export import NotExportable, export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out, vocab_file=args.vocab_file, merge_file=args.merge_file)
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            tokenizer_model=args.tokenizer_model,
+        )
     except (FileNotFoundError, NotExportable, CheckpointError) as error:
         print(f"megatron-eval export-hf: {error}", file=sys.stderr)
         return 2
@@ -358,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for the Hugging Face model and tokenizer")
     export.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocab.json (default: the checkpoint's)")
     export.add_argument("--merge-file", default=None, help="GPT-2 BPE merges.txt (default: the checkpoint's)")
+    export.add_argument(
+        "--tokenizer-model", default=None, help="HuggingFaceTokenizer's folder or name (default: the checkpoint's)"
+    )
     export.set_defaults(handler=_export_hf)
     _add_view_commands(commands)
     backfill = commands.add_parser("backfill", help="evaluate checkpoints already on disk, as the hook would have")

@@ -140,7 +140,7 @@ class Evaluator:
         try:
             gpt, tokenizer = model()
             if self.export is not None:
-                self._export(gpt, iteration)
+                self._export(gpt, tokenizer, iteration)
             engine = build_engine(gpt, tokenizer, self.config, self.max_sequence_length)
             in_process = InProcessModel(engine if serve is None else serve(engine), MegatronTokenizer(tokenizer))
             register_model(self.model_key, in_process)
@@ -161,11 +161,11 @@ class Evaluator:
             self._open.clear()
             raise
 
-    def _export(self, gpt: Any, iteration: int) -> None:
+    def _export(self, gpt: Any, tokenizer: Any, iteration: int) -> None:
         """`export_hf`: a failure is logged and the benchmarks still run (their scores matter more)."""
         started = time.perf_counter()
         try:
-            self._exported = self.export.write(gpt, iteration)
+            self._exported = self.export.write(gpt, tokenizer, iteration)
         except Exception as error:
             logger.warning("export_hf of iteration %d failed, the benchmarks run anyway: %s: %s",
                            iteration, type(error).__name__, error)  # fmt: skip

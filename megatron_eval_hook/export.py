@@ -408,12 +408,37 @@ def gpt2_tokenizer(vocab_file: str | Path, merge_file: str | Path, end_of_text: 
     )
 
 
-def _missing_tokenizer_file(vocab_file: Any, merge_file: Any) -> tuple[str, Any] | None:
-    """(flag, value) of the first of `--vocab-file`, `--merge-file` that is not a file; None when both are."""
-    for flag, value in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
-        if not value or not Path(value).is_file():
-            return flag, value
+EXPORTABLE_TOKENIZERS = ("GPT2BPETokenizer", "HuggingFaceTokenizer")
+"""The `--tokenizer-type`s an exported folder can hold exactly: GPT-2 BPE files, or the Hugging Face tokenizer
+Megatron wraps."""
+
+
+def tokenizer_problem(args: Any) -> tuple[str, str | None] | None:
+    """Why the tokenizer of a run with Megatron arguments `args` cannot go into an exported folder, and the flag
+    of the missing file if that is why (None for a tokenizer type that cannot be exported); None when it can."""
+    tokenizer_type = getattr(args, "tokenizer_type", None)
+    if tokenizer_type not in EXPORTABLE_TOKENIZERS:
+        return f"the run's --tokenizer-type is {tokenizer_type}, not one of {', '.join(EXPORTABLE_TOKENIZERS)}", None
+    if tokenizer_type == "GPT2BPETokenizer":
+        for flag, value in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
+            if not value or not Path(value).is_file():
+                return f"the run's {flag} {value!r} is not a file", flag
     return None
+
+
+def hf_tokenizer(args: Any, megatron_tokenizer: Any) -> Any:
+    """The Hugging Face tokenizer an exported folder holds for the run: a fast tokenizer of its GPT-2 BPE files
+    (`--tokenizer-type GPT2BPETokenizer`), or the very tokenizer Megatron's `HuggingFaceTokenizer` wraps (its
+    `--tokenizer-model`, with the run's special tokens), so that the folder encodes text as training did.
+    `megatron_tokenizer` is the run's Megatron tokenizer; `args` have no `tokenizer_problem`."""
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        return gpt2_tokenizer(args.vocab_file, args.merge_file)
+    wrapped = getattr(getattr(megatron_tokenizer, "_tokenizer", None), "tokenizer", None)
+    if wrapped is None or not hasattr(wrapped, "save_pretrained"):
+        raise NotExportable(
+            f"the run's HuggingFaceTokenizer ({type(megatron_tokenizer).__name__}) wraps no Hugging Face tokenizer"
+        )
+    return wrapped
 
 
 def _save(model: Any, tokenizer: Any, out: Path) -> None:
@@ -422,16 +447,17 @@ def _save(model: Any, tokenizer: Any, out: Path) -> None:
 
 
 class SnapshotExport:
-    """Writes the weights of each evaluated save as a Hugging Face model folder (GPT-2 or Llama),
-    `<folder>/iter_NNNNNNN`.
+    """Writes the weights of each evaluated save as a Hugging Face model folder (GPT-2 or Llama) with the run's
+    tokenizer, `<folder>/iter_NNNNNNN`.
 
     The weights are the ones the benchmarks ran on, in memory: the live model under the sync placement,
     the eval process's copy of the snapshot under the async one; no checkpoint is read. `check` refuses,
-    before training starts, a model that is neither GPT-2 nor Llama, or a tokenizer that is not GPT-2's BPE."""
+    before training starts, a model that is neither GPT-2 nor Llama, or a tokenizer that is neither GPT-2's
+    BPE files nor a Hugging Face tokenizer (`EXPORTABLE_TOKENIZERS`)."""
 
-    def __init__(self, folder: str | Path, vocab_file: str | Path, merge_file: str | Path):
+    def __init__(self, folder: str | Path, megatron_args: Any):
         self.folder = Path(folder)
-        self.vocab_file, self.merge_file = Path(vocab_file), Path(merge_file)
+        self.args = megatron_args
         self._tokenizer: Any = None  # made at the first export, then kept
 
     @classmethod
@@ -446,27 +472,26 @@ class SnapshotExport:
             Architecture.of_args(megatron_args)
         except NotExportable as error:
             raise refuse(str(error), "set export_hf=null; only GPT-2 and Llama models can be exported") from error
-        tokenizer_type = getattr(megatron_args, "tokenizer_type", None)
-        if tokenizer_type != "GPT2BPETokenizer":
+        problem = tokenizer_problem(megatron_args)
+        if problem:
+            reason, flag = problem
             raise refuse(
-                f"the run's --tokenizer-type is {tokenizer_type}, not GPT2BPETokenizer",
-                "set export_hf=null; the exported folder holds a GPT-2 BPE tokenizer",
+                reason,
+                f"pass {flag}, or set export_hf=null"
+                if flag
+                else "set export_hf=null; an exported folder holds GPT-2 BPE files or a Hugging Face tokenizer",
             )
-        missing = _missing_tokenizer_file(megatron_args.vocab_file, megatron_args.merge_file)
-        if missing:
-            flag, value = missing
-            raise refuse(f"the run's {flag} {value!r} is not a file", f"pass {flag}, or set export_hf=null")
         save = getattr(megatron_args, "save", None)
         if save and Path(folder).resolve() == Path(save).resolve():
             raise refuse(
                 "it is the run's --save folder, whose iter_NNNNNNN folders are the checkpoints",
                 "name a folder of its own, e.g. export_hf=<--save>/hf",
             )
-        return cls(Path(folder).resolve(), megatron_args.vocab_file, megatron_args.merge_file)
+        return cls(Path(folder).resolve(), megatron_args)
 
-    def write(self, gpt: Any, iteration: int) -> Path:
-        """The model and tokenizer folder of `gpt`'s weights saved at `iteration`. Written under a
-        temporary name and renamed, so a folder that exists is complete."""
+    def write(self, gpt: Any, tokenizer: Any, iteration: int) -> Path:
+        """The model and tokenizer folder of `gpt`'s weights saved at `iteration`; `tokenizer` is the run's
+        Megatron tokenizer. Written under a temporary name and renamed, so a folder that exists is complete."""
         import shutil
 
         from megatron_eval_hook.checkpoints import iteration_folder
@@ -477,9 +502,9 @@ class SnapshotExport:
         partial = out.with_name(f".{out.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         if self._tokenizer is None:
-            self._tokenizer = gpt2_tokenizer(self.vocab_file, self.merge_file)
-        tokenizer = self._tokenizer
-        _save(to_hf(gpt, vocab_size=len(tokenizer), end_of_text=tokenizer.eos_token_id), tokenizer, partial)
+            self._tokenizer = hf_tokenizer(self.args, tokenizer)
+        exported = self._tokenizer
+        _save(to_hf(gpt, vocab_size=len(exported), end_of_text=exported.eos_token_id), exported, partial)
         shutil.rmtree(out, ignore_errors=True)  # a job restarted from an earlier checkpoint saves it again
         partial.rename(out)
         return out
@@ -491,17 +516,30 @@ def export_checkpoint(
     *,
     vocab_file: str | Path | None = None,
     merge_file: str | Path | None = None,
+    tokenizer_model: str | Path | None = None,
 ) -> Path:
-    """Write a Hugging Face folder (GPT-2 or Llama model, and tokenizer) for a torch_dist checkpoint.
+    """Write a Hugging Face folder (GPT-2 or Llama model, and the run's tokenizer) for a torch_dist checkpoint.
 
-    The tokenizer files default to the checkpoint's `--vocab-file`/`--merge-file`."""
-    weights, args = read_checkpoint(checkpoint)
-    vocab_file, merge_file = vocab_file or args.vocab_file, merge_file or args.merge_file
-    missing = _missing_tokenizer_file(vocab_file, merge_file)
-    if missing:
-        name, value = missing
-        raise FileNotFoundError(f"tokenizer file {value!r} ({name} of the checkpoint) not found; pass it with {name}")
-    tokenizer = gpt2_tokenizer(vocab_file, merge_file)
+    The tokenizer is the checkpoint's (`--tokenizer-type`, and its `--vocab-file`/`--merge-file` or
+    `--tokenizer-model`); the file arguments given here replace those stored in the checkpoint."""
+    from megatron_eval_hook.checkpoints import checkpoint_folder
+    from megatron_eval_hook.loading import build_run_tokenizer, single_device_args
+
+    weights, stored = read_checkpoint(checkpoint)
+    arch = Architecture.of_args(stored)
+    args = single_device_args(
+        stored,
+        vocab_file=None if vocab_file is None else str(vocab_file),
+        merge_file=None if merge_file is None else str(merge_file),
+        tokenizer_model=None if tokenizer_model is None else str(tokenizer_model),
+    )
+    problem = tokenizer_problem(args)
+    if problem:
+        reason, flag = problem
+        raise FileNotFoundError(f"{reason}; pass it with {flag}") if flag else NotExportable(reason)
+    gpt2 = args.tokenizer_type == "GPT2BPETokenizer"
+    megatron_tokenizer = None if gpt2 else build_run_tokenizer(args, checkpoint_folder(checkpoint))
+    tokenizer = hf_tokenizer(args, megatron_tokenizer)
     out = Path(out)
-    _save(_hf_model(weights, Architecture.of_args(args), len(tokenizer), tokenizer.eos_token_id), tokenizer, out)
+    _save(_hf_model(weights, arch, len(tokenizer), tokenizer.eos_token_id), tokenizer, out)
     return out

@@ -109,7 +109,7 @@ class CheckpointModel:
         _refuse_unsupported(args, where)
         self.architecture = architecture_of(args)
         one = single_device_args(args, **tokenizer_paths)
-        self.tokenizer = _build_tokenizer(one, where)
+        self.tokenizer = build_run_tokenizer(one, where)
         ensure_single_process(getattr(args, "seed", 1234))
         use_te = one.transformer_impl == "transformer_engine" and torch.cuda.is_available() and _has_te()
         if use_te:
@@ -166,7 +166,9 @@ def _has_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def _build_tokenizer(args: argparse.Namespace, where: Path) -> Any:
+def build_run_tokenizer(args: argparse.Namespace, where: Path) -> Any:
+    """Megatron's tokenizer for a run with arguments `args` (stored in the checkpoint `where`), as training
+    built it; raises `CheckpointError` naming the flag of a missing file."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
     for name in ("vocab_file", "merge_file"):

@@ -97,9 +97,9 @@ def test_what_maps_onto_no_hugging_face_model_exactly_is_refused(megatron_world,
         to_hf(tiny_llama(77, **changes), vocab_size=77)
 
 
-def save_checkpoint(model, folder, vocab_file, merge_file, **changes):
+def save_checkpoint(model, folder, vocab_file, merge_file, defaults: dict | None = None, **changes):
     """A torch_dist checkpoint of `model` as Megatron writes it: sharded tensors plus its args (`changes`:
-    arguments other than a GPT-2's)."""
+    arguments other than a GPT-2's; `defaults`: the other arguments)."""
     import argparse
 
     from megatron.core import dist_checkpointing
@@ -109,10 +109,10 @@ def save_checkpoint(model, folder, vocab_file, merge_file, **changes):
         num_layers=config.num_layers, num_attention_heads=config.num_attention_heads, num_query_groups=None,
         layernorm_epsilon=config.layernorm_epsilon, position_embedding_type="learned_absolute",
         normalization="LayerNorm", swiglu=False, group_query_attention=False, add_bias_linear=True,
-        bias_gelu_fusion=False, untie_embeddings_and_output_weights=False,
-        vocab_file=str(vocab_file), merge_file=str(merge_file),
+        bias_gelu_fusion=False, untie_embeddings_and_output_weights=False, tokenizer_type="GPT2BPETokenizer",
+        vocab_file=vocab_file and str(vocab_file), merge_file=merge_file and str(merge_file),
     )  # fmt: skip
-    args = argparse.Namespace(**{**gpt2, **changes})
+    args = argparse.Namespace(**{**(defaults or {}), **gpt2, **changes})
     state = model.sharded_state_dict()
     state["args"] = args
     folder.mkdir(parents=True)
@@ -153,6 +153,18 @@ def test_export_hf_names_a_missing_tokenizer_file(megatron_world, tmp_path, caps
     assert "gone.json" in error and "--vocab-file" in error
 
 
+def llama_args(model) -> dict:
+    """The Megatron arguments of a Llama-style run of `tiny_llama(..., rope_scaling=True, rotary_base=500000)`."""
+    config = model.config
+    return dict(
+        position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+        group_query_attention=True, num_query_groups=config.num_query_groups, untie_embeddings_and_output_weights=True,
+        kv_channels=config.kv_channels, hidden_size=config.hidden_size, rotary_base=500000, rotary_percent=1.0,
+        rotary_interleaved=False, use_rope_scaling=True, rope_scaling_factor=8.0,
+        rotary_seq_len_interpolation_factor=None, qk_layernorm=False,
+    )  # fmt: skip
+
+
 def test_export_hf_writes_a_llama_folder_for_a_llama_style_checkpoint(megatron_world, demo_data, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -160,14 +172,7 @@ def test_export_hf_writes_a_llama_folder_for_a_llama_style_checkpoint(megatron_w
 
     vocab = 2048  # the demo tokenizer's
     model = tiny_llama(vocab, model=dict(rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000))
-    config = model.config
-    llama = dict(
-        position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False,
-        group_query_attention=True, num_query_groups=config.num_query_groups, untie_embeddings_and_output_weights=True,
-        kv_channels=config.kv_channels, hidden_size=config.hidden_size, rotary_base=500000, rotary_percent=1.0,
-        rotary_interleaved=False, use_rope_scaling=True, rope_scaling_factor=8.0,
-        rotary_seq_len_interpolation_factor=None, qk_layernorm=False,
-    )  # fmt: skip
+    llama = llama_args(model)
     save_checkpoint(model, tmp_path / "iter_0000003", demo_data.vocab_file, demo_data.merge_file, **llama)
     assert main(["export-hf", "--checkpoint", str(tmp_path / "iter_0000003"), "--out", str(tmp_path / "hf")]) == 0
 
@@ -176,3 +181,52 @@ def test_export_hf_writes_a_llama_folder_for_a_llama_style_checkpoint(megatron_w
     with torch.no_grad():
         theirs = torch.log_softmax(hf(tokens).logits.float(), -1)
     assert torch.allclose(theirs, megatron_logprobs(model, tokens, vocab), atol=1e-4)
+
+
+def test_export_hf_of_a_hugging_face_tokenizer_run_holds_the_tokenizer_training_used(
+    megatron_world, demo_data, tmp_path
+):
+    """`--tokenizer-type HuggingFaceTokenizer`: the folder holds Megatron's own Hugging Face tokenizer, with the
+    run's `--special-tokens`, so that it encodes text as training did; the model drops the padded rows only."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from megatron_eval_hook.cli import main
+    from megatron_eval_hook.export import gpt2_tokenizer
+    from megatron_eval_hook.loading import build_run_tokenizer
+
+    gpt2_tokenizer(demo_data.vocab_file, demo_data.merge_file).save_pretrained(tmp_path / "tokenizer")
+    vocab = 2048 + 1  # the demo's BPE and one special token
+    model = tiny_llama(vocab, model=dict(rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000))
+    defaults = {**vars(add_megatron_arguments(argparse.ArgumentParser()).parse_args([])), "rank": 0}  # as saved
+    run = dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tokenizer"),
+               special_tokens=["<|turn|>"])  # fmt: skip
+    save_checkpoint(model, tmp_path / "iter_0000004", None, None, defaults, **llama_args(model), **run)
+
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "iter_0000004"), "--out", str(tmp_path / "hf")]) == 0
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    trained = build_run_tokenizer(argparse.Namespace(**{**defaults, **run}), tmp_path)
+    text = "<|turn|>Favorite fruit of Ilsander pears.<|turn|> The cloak of Mirelle is blue."
+    ids = exported(text)["input_ids"]
+    assert ids == trained.tokenize(text) and 2048 in ids  # the special token is one token, as in training
+    assert len(exported) == trained.vocab_size == vocab
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.vocab_size == vocab
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        theirs = torch.log_softmax(hf(tokens).logits.float(), -1)
+    assert torch.allclose(theirs, megatron_logprobs(model, tokens, vocab), atol=1e-4)
+
+
+def test_export_hf_refuses_a_tokenizer_it_cannot_hold(megatron_world, tmp_path, capsys):
+    from megatron_eval_hook.cli import main
+
+    model = tiny_llama(77)
+    save_checkpoint(model, tmp_path / "iter_0000001", None, None, **llama_args(model), tokenizer_type="NullTokenizer")
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "iter_0000001"), "--out", str(tmp_path / "hf")]) == 2
+    error = capsys.readouterr().err
+    assert "--tokenizer-type is NullTokenizer, not one of GPT2BPETokenizer, HuggingFaceTokenizer" in error
+    assert not (tmp_path / "hf").exists()

@@ -161,7 +161,7 @@ def gpt2_args(tmp_path, **changes) -> SimpleNamespace:
     [
         ({"swiglu": True}, "neither a GPT-2 nor a Llama model; as GPT-2: the MLP is not a plain GELU MLP"),
         ({"position_embedding_type": "rope"}, "as Llama: normalization is LayerNorm, not RMSNorm"),
-        ({"tokenizer_type": "HuggingFaceTokenizer"}, "--tokenizer-type is HuggingFaceTokenizer"),
+        ({"tokenizer_type": "SentencePieceTokenizer"}, "--tokenizer-type is SentencePieceTokenizer, not one of"),
         ({"merge_file": None}, "--merge-file None is not a file"),
         ({"save": "SAVE"}, "it is the run's --save folder"),
     ],
@@ -183,3 +183,4 @@ def test_export_hf_that_cannot_be_written_is_refused_before_training(tmp_path, d
         rotary_percent=1.0, use_rope_scaling=False, rotary_seq_len_interpolation_factor=None,
     )  # fmt: skip
     EvalHook(config, gpt2_args(tmp_path, **llama))
+    EvalHook(config, gpt2_args(tmp_path, **llama, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="hf"))
