@@ -1,10 +1,13 @@
 """Throughput of the hook's engine against HELM's HuggingFaceClient and lm-evaluation-harness, same requests.
 
-    python bench/throughput.py [--instances 100] [--engines ours,helm_hf,lm_eval] [--device cpu|cuda]
+    python bench/throughput.py [--arch gpt2|llama] [--size small|1b] [--dtype float32|bfloat16]
+                               [--instances 100] [--engines ours,helm_hf,lm_eval] [--device cpu|cuda]
                                [--batch-size 16] [--data-dir ../shared/data] [--quick]
 
-One model (Megatron GPTModel in the GPT-2-small configuration, 124M parameters, random weights), one set
-of HELM requests, three engines, one process:
+One model (a Megatron GPTModel with random weights, `SHAPES`: by default GPT-2 small, 124M parameters; with
+``--arch llama`` a Llama-style model of the same width and depth: rotary positions, RMSNorm, SwiGLU,
+grouped-query attention, no biases, untied embeddings; ``--size 1b`` a Llama-3.2-1B-like shape for GPUs),
+one set of HELM requests, three engines, one process:
 
 * ``ours``: the hook's engine as the hook uses it: ``InProcessModel(Engine(...), tokenizer)``; for each HELM
   run, ``prefetch`` the run's request states in batches, then ``answer`` each request;
@@ -100,8 +103,20 @@ RUN_ENTRIES: dict[str, tuple[str, tuple[str, ...]]] = {
 ENGINES = ("ours", "helm_hf", "lm_eval")
 HELM_DEFAULT_THREADS = 4  # helm-run's --num-threads default
 BOOLQ_TRAIN = 100  # BoolQ dev items used as the train split (in-context examples) when converting real data
-GPT2_SMALL = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12}
-TINY = {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4}  # --quick
+SHAPES: dict[tuple[str, str], dict[str, int]] = {
+    # (arch, size): TransformerConfig shape; "tiny" is --quick's
+    ("gpt2", "small"): {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12},
+    ("gpt2", "tiny"): {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4},
+    # GPT-2 small's depth and width, Llama's proportions: 4 query groups, SwiGLU of 2048 (75M non-embedding)
+    ("llama", "small"): {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "num_query_groups": 4,
+                         "ffn_hidden_size": 2048},
+    ("llama", "tiny"): {"num_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "num_query_groups": 2,
+                        "ffn_hidden_size": 352},
+    # Llama 3.2 1B's decoder (16 layers, 2048 wide, 32 heads in 8 groups, SwiGLU of 8192)
+    ("llama", "1b"): {"num_layers": 16, "hidden_size": 2048, "num_attention_heads": 32, "num_query_groups": 8,
+                      "ffn_hidden_size": 8192},
+}  # fmt: skip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTEXT = 1024
 LOGPROB_TOLERANCE = 1e-3  # on the summed log-probability of one reference
 
@@ -237,24 +252,30 @@ def padded_vocab(vocab_size: int, divisible_by: int = 128) -> int:
     return math.ceil(vocab_size / divisible_by) * divisible_by
 
 
-def build_model(vocab_size: int, shape: dict[str, int], device: str, seed: int = 0) -> torch.nn.Module:
-    """A Megatron GPT-2 (learned absolute positions, LayerNorm, GELU, tied embeddings), random weights
-    with GPT-2's initialization (std 0.02): greedy outputs vary with the prompt."""
+def build_model(
+    vocab_size: int, arch: str, shape: dict[str, int], device: str, dtype: torch.dtype, seed: int = 0
+) -> torch.nn.Module:
+    """A Megatron GPT model with random weights and GPT-2's initialization (std 0.02), so greedy outputs vary
+    with the prompt. "gpt2": learned absolute positions, LayerNorm, GELU, biases, tied embeddings. "llama":
+    rotary positions (base 500000), RMSNorm, SwiGLU, grouped-query attention, no biases, untied embeddings."""
+    import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     torch.manual_seed(seed)
-    config = TransformerConfig(**shape, use_cpu_initialization=True, init_method_std=0.02)
-    model = GPTModel(
-        config,
-        get_gpt_layer_local_spec(),
-        vocab_size=padded_vocab(vocab_size),
-        max_sequence_length=CONTEXT,
-        position_embedding_type="learned_absolute",
-        share_embeddings_and_output_weights=True,
-    )
-    return model.to(device).eval()
+    common = dict(use_cpu_initialization=True, init_method_std=0.02)
+    if arch == "llama":
+        llama = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False)
+        config = TransformerConfig(**shape, **common, **llama)
+        spec, kind = get_gpt_layer_local_spec(normalization="RMSNorm"), dict(position_embedding_type="rope")
+        kind.update(rotary_base=500000, share_embeddings_and_output_weights=False)
+    else:
+        config = TransformerConfig(**shape, **common)
+        spec = get_gpt_layer_local_spec()
+        kind = dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=True)
+    model = GPTModel(config, spec, vocab_size=padded_vocab(vocab_size), max_sequence_length=CONTEXT, **kind)
+    return model.to(device, dtype).eval()
 
 
 def make_ours(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Any:
@@ -275,7 +296,8 @@ def make_ours(model: torch.nn.Module, tokenizer: Any, batch_size: int) -> Any:
 
 
 def export_hf(model: torch.nn.Module, data: Data, tokenizer: Any, folder: Path) -> Path:
-    """The weights as a Hugging Face GPT-2 folder (model and tokenizer), as `megatron-eval export-hf` writes it."""
+    """The weights as a Hugging Face folder (GPT-2 or Llama model in float32, and the tokenizer), as
+    `megatron-eval export-hf` writes it."""
     from megatron_eval_hook.export import gpt2_tokenizer, to_hf
 
     hf_tokenizer = gpt2_tokenizer(data.vocab_file, data.merge_file)
@@ -434,10 +456,10 @@ def helm_answers(run: Run, results: list, count_reference: Callable[[str], int])
 class LmEval:
     name = "lm_eval"
 
-    def __init__(self, folder: Path, device: str, batch_size: int):
+    def __init__(self, folder: Path, device: str, batch_size: int, dtype: str):
         from lm_eval.models.huggingface import HFLM
 
-        self.lm = HFLM(pretrained=str(folder), device=device, batch_size=batch_size)
+        self.lm = HFLM(pretrained=str(folder), device=device, batch_size=batch_size, dtype=dtype)
 
     def prepare(self, run: Run) -> tuple[str, list]:
         """loglikelihood (context, " " + reference) requests, or generate_until requests (greedy)."""
@@ -514,16 +536,18 @@ class Clock:
             torch.cuda.synchronize()
 
 
-def matmul_peak(clock: Clock, device: str, size: int, repeats: int = 3) -> tuple[float, dict[str, float]]:
-    """FLOP/s of the best of `repeats` square fp32 matmuls of `size` on `device`, by every kernel at hand:
-    PyTorch's matmul (MKL on CPU) and, on CPU, oneDNN's, with the weight as it is and reordered into
+def matmul_peak(
+    clock: Clock, device: str, size: int, dtype: torch.dtype = torch.float32, repeats: int = 3
+) -> tuple[float, dict[str, float]]:
+    """FLOP/s of the best of `repeats` square matmuls of `size` in `dtype` on `device`, by every kernel at hand:
+    PyTorch's matmul (MKL on CPU) and, on CPU in float32, oneDNN's, with the weight as it is and reordered into
     oneDNN's blocked layout as the engine keeps it. Returns the fastest and each kernel's rate."""
     from megatron_eval_hook.engine import onednn_linear
 
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     kernels = {"torch.matmul": lambda: a @ b}
-    if device == "cpu":
+    if device == "cpu" and dtype == torch.float32:
         for name, linear in (("oneDNN", onednn_linear(pack=False)), ("oneDNN reordered", onednn_linear())):
             if linear is not None:
                 kernels[name] = lambda linear=linear: linear(a, b)  # a @ b^T: the same work
@@ -638,6 +662,9 @@ def compare(runs: list[Run], answers: dict[str, dict[str, list]]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2", help="model architecture (default gpt2)")
+    parser.add_argument("--size", choices=("small", "1b"), default="small", help="small: 124M-class; 1b: llama only")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights of every engine's model")
     parser.add_argument("--instances", type=int, default=None, help="instances per benchmark (default 100)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     parser.add_argument("--benchmarks", default=",".join(RUN_ENTRIES), help="comma-separated subset (default: all)")
@@ -658,6 +685,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--benchmarks: a subset of {', '.join(RUN_ENTRIES)} (got {args.benchmarks})")
     if args.instances is None:
         args.instances = 3 if args.quick else 100
+    args.shape = SHAPES.get((args.arch, "tiny" if args.quick else args.size))
+    if args.shape is None:
+        parser.error(f"--size {args.size}: not for --arch {args.arch} (sizes: small; 1b for llama)")
     if args.generated_data:
         args.data_dir = None
     elif args.data_dir is None:
@@ -710,8 +740,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
             reference_lengths[text] = len(encode(" " + text))
         return reference_lengths[text]
 
-    model = build_model(tokenizer.vocab_size, TINY if args.quick else GPT2_SMALL, args.device)
+    model = build_model(tokenizer.vocab_size, args.arch, args.shape, args.device, DTYPES[args.dtype])
     shape = Shape.of(model, tokenizer.vocab_size)
+    print(f"model: {args.arch} {args.shape}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+          f"({shape.non_embedding_params / 1e6:.1f}M non-embedding), {args.dtype}")  # fmt: skip
     ours = make_ours(model, tokenizer, args.batch_size)
     register_model("bench", ours)
     runs = build_runs(data, work, args.instances, args.benchmarks)
@@ -722,16 +754,17 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> None:
     if "helm_hf" in args.engines:
         deployment = register_hf_deployment(
             folder,
-            name="bench/exported-gpt2",
+            name=f"bench/exported-{args.arch}",
             max_sequence_length=CONTEXT,
             device="cuda:0" if args.device == "cuda" else "cpu",
+            dtype=args.dtype,
         )
         engines.append(HelmHF(deployment, work / "ours" / "helm", args.helm_threads, count_reference))
     if "lm_eval" in args.engines:
-        engines.append(LmEval(folder, args.device, args.batch_size))
+        engines.append(LmEval(folder, args.device, args.batch_size, args.dtype))
 
     clock = Clock(args.device)
-    peak, kernels = matmul_peak(clock, args.device, 1024 if args.quick else 4096)
+    peak, kernels = matmul_peak(clock, args.device, 1024 if args.quick else 4096, DTYPES[args.dtype])
     print("matmul peak by kernel: " + ", ".join(f"{k} {r / 1e9:.1f} GFLOP/s" for k, r in kernels.items()))
     warm_up(clock, engines, runs)
 
@@ -787,7 +820,8 @@ def report(
         return total
 
     print()
-    print(f"device {args.device}, batch size {args.batch_size}, HELM executor threads {args.helm_threads}, "
+    print(f"model {args.arch} ({'tiny' if args.quick else args.size}) in {args.dtype}, device {args.device}, "
+          f"batch size {args.batch_size}, HELM executor threads {args.helm_threads}, "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
     for part, source in data.sources.items():
         print(f"data: {part}: {source}")

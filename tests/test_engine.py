@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -11,6 +12,7 @@ import torch
 from conftest import tiny_gpt, tiny_llama
 
 import megatron_eval_hook.engine.attention as attention_module
+import megatron_eval_hook.engine.core as engine_core
 from megatron_eval_hook.engine import (
     CPU_PASS_POSITIONS,
     END_OF_TEXT,
@@ -192,6 +194,46 @@ def test_rotary_angles_at_packed_positions_instead_of_tree_depths_change_the_sco
     mutant = engine(rotary, vocab).score(SEQUENCES)
     worst = max(abs(a - b) for got, want in zip(mutant, expected) for a, b in zip(got, want))
     assert worst > 1e-2
+
+
+def test_on_layers_the_tests_cannot_run_the_fast_path_is_checked_before_it_serves(
+    megatron_world, char_tokenizer, monkeypatch, caplog
+):
+    """Transformer Engine's layers exist on GPU only: there the engine's first call checks its fast path against
+    the model's own forward pass, keeps it when they agree and takes the plain path, saying why, when not. Here
+    the local layers stand in for them, and a rotary mistake for a layer the fast path mishandles."""
+    vocab = char_tokenizer.vocab_size
+    model = tiny_llama(vocab)
+    assert engine_core.unverified_layers(model) == []  # Megatron's local layers: the test suite runs them
+    monkeypatch.setattr(engine_core, "unverified_layers", lambda model: ["DotProductAttention"])
+    monkeypatch.setattr(engine_core, "_said", set())
+    expected = engine(model, vocab, fast=False).score(SEQUENCES)
+    checked = engine(model, vocab)
+    with caplog.at_level(logging.INFO, logger=engine_core.__name__):
+        scores = checked.score(SEQUENCES)
+    assert checked.plain_reason is None
+    assert "the fast path agrees with the model's own forward pass on DotProductAttention" in caplog.text
+    rotation = Engine._rotation
+    monkeypatch.setattr(Engine, "_rotation", lambda self, p: rotation(self, torch.arange(p.numel()).view_as(p)))
+    mutant = engine(model, vocab)
+    with caplog.at_level(logging.INFO, logger=engine_core.__name__):
+        caught = mutant.generate([GenerationRequest([5, 6, 7], 4)])  # checked at a generation call too
+    assert "on layers DotProductAttention the fast path's log-probabilities differ" in mutant.plain_reason
+    assert "the model takes the plain path" in caplog.text and mutant.plain_reason in caplog.text
+    plain = engine(model, vocab, fast=False)
+    assert [g.tokens for g in caught] == [g.tokens for g in plain.generate([GenerationRequest([5, 6, 7], 4)])]
+    for got, other, want in zip(scores, mutant.score(SEQUENCES), expected):
+        assert got == pytest.approx(want, abs=1e-5) and other == pytest.approx(want, abs=1e-5)
+
+
+def test_a_model_the_fast_path_cannot_take_is_said_once(megatron_world, char_tokenizer, monkeypatch, caplog):
+    monkeypatch.setattr(engine_core, "_said", set())
+    model = tiny_gpt(char_tokenizer.vocab_size, position_embedding_type="none")
+    with caplog.at_level(logging.WARNING, logger=engine_core.__name__):
+        for _ in range(3):  # an engine per save
+            engine(model, char_tokenizer.vocab_size)
+    assert caplog.text.count("the model takes the plain path") == 1
+    assert "position_embedding_type='none'" in caplog.text
 
 
 def test_the_model_keeps_its_own_attention_and_matmuls_after_a_call(model, char_tokenizer):

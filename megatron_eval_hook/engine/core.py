@@ -23,7 +23,10 @@ the engine's own attention kernel in place of the model's core attention for the
   feeds one token for every request of a group sized by the cache's memory, not by batch_size.
 
 Models with other position encodings (YaRN, multimodal rotary) take the plain path: every request
-recomputed in full, with Megatron's own attention. Both paths give the same numbers up to float rounding.
+recomputed in full, with Megatron's own attention; a log line says why. Both paths give the same numbers
+up to float rounding. On a model with layers the test suite cannot run (Transformer Engine's, on GPU), the
+engine checks this at its first call: a probe scored and generated on both paths must agree, or the engine
+logs the difference and takes the plain path (`_check_fast_path`).
 
 On CPU, both paths run the model's float32 linear layers through oneDNN's kernel (`OneDnnLinear`, with
 weights reordered once into its blocked layout) rather than PyTorch's default MKL call, about twice as
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +62,22 @@ from megatron_eval_hook.engine.plan import (
     _PackedRow,
 )
 from megatron_eval_hook.engine.requests import END_OF_TEXT, LENGTH, STOP, Generation, GenerationRequest, RequestTooLong
+
+logger = logging.getLogger(__name__)
+
+# The fast path's first call on layers the test suite cannot run (`unverified_layers`) is checked against the
+# plain path: the largest log-probability difference allowed on the probe, by the model's dtype. A half-precision
+# forward pass rounds differently on each path (about 0.1 on the test models); a position or cache mistake moves
+# log-probabilities by 1 or more.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.5}
+_said: set[str] = set()  # log lines said once per process, not at every save
+
+
+def _say_once(level: int, message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        logger.log(level, message)
+
 
 # The output layer runs on at most this many bytes of float32 logits at a time, each slice normalized and
 # read at once: on CPU, while they are in the last-level cache (GPT-2's 50k vocabulary: 125 rows, 24 MiB;
@@ -83,6 +103,18 @@ def fast_path_unsupported(model: torch.nn.Module) -> str | None:
     if not any(isinstance(m, SelfAttention) for m in model.modules()):
         return "no self-attention layers"
     return None
+
+
+def unverified_layers(model: torch.nn.Module) -> list[str]:
+    """The class names of `model`'s layers that the fast path's tests cannot run: Transformer Engine's (GPU only).
+    The engine checks its fast path against the plain path on these before using it."""
+    return sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if type(m).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
+        }
+    )
 
 
 @dataclass
@@ -137,6 +169,11 @@ class Engine:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.plain_reason = fast_path_unsupported(model) if fast else "fast=False"
+        if self.plain_reason is not None and fast:
+            _say_once(logging.WARNING, f"engine: the model takes the plain path (every request recomputed in full, "
+                      f"no key/value cache: several times slower): {self.plain_reason}")  # fmt: skip
+        # layers checked at the first call, before the fast path serves any request (`_check_fast_path`)
+        self._unchecked = unverified_layers(model) if self.plain_reason is None else []
         self.row_tokens = row_tokens
         dtype = next(model.parameters()).dtype
         self.linear = onednn_linear() if self.device.type == "cpu" and dtype == torch.float32 else None
@@ -245,6 +282,8 @@ class Engine:
                     f"a scoring request of {len(sequence)} tokens exceeds the context window of "
                     f"{self.max_sequence_length} tokens"
                 )
+        if self._unchecked:
+            self._check_fast_path()
         starts = list(needed_from) if needed_from is not None else [1] * len(sequences)
         unique: dict[tuple[int, ...], int] = {}  # identical requests: computed once, from the earliest start
         for sequence, start in zip(sequences, starts):
@@ -382,6 +421,8 @@ class Engine:
                 )
             if request.stop_sequences and self.decode is None:
                 raise ValueError("a request has stop sequences, but the engine was given no `decode` to find them")
+        if self._unchecked:
+            self._check_fast_path()
         prompts = [self._fit_prompt(r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
         if self.plain_reason is None:
@@ -398,6 +439,38 @@ class Engine:
                 for i, generation in zip(group, run([prompts[i] for i in group], [requests[i] for i in group])):
                     results[i] = generation
         return [r for r in results if r is not None]
+
+    def _check_fast_path(self) -> None:
+        """Score a probe (two sequences sharing a prefix: one prefix tree) and generate from its prefix on the
+        fast path, then score the same tokens on the plain path, with the model's own attention. If any
+        log-probability differs by more than PROBE_TOLERANCE, say so and take the plain path from now on.
+        Every rank of a model-parallel group checks at the same call, on the same probe, and reads the same
+        log-probabilities, so all decide alike."""
+        layers, self._unchecked = self._unchecked, []
+        vocab, length = self.vocab_size, min(24, self.max_sequence_length - 4)
+        first = [(7 * i + 3) % vocab for i in range(length)]
+        second = first[: length // 2] + [(5 * i + 1) % vocab for i in range(length - length // 2)]
+        prompt = first[: length // 2]
+        fast = self.score([first, second])
+        (generated,) = self.generate([GenerationRequest(prompt, 4)])
+        self.plain_reason = "checking the fast path"
+        try:
+            plain = self.score([first, second, prompt + generated.tokens])
+        finally:
+            self.plain_reason = None
+        pairs = [*zip(fast[0], plain[0]), *zip(fast[1], plain[1]), *zip(generated.logprobs, plain[2][len(prompt) :])]
+        worst = max(abs(a - b) for a, b in pairs)
+        tolerance = PROBE_TOLERANCE.get(next(self.model.parameters()).dtype, 0.5)
+        if worst <= tolerance:
+            _say_once(logging.INFO, f"engine: the fast path agrees with the model's own forward pass on "
+                      f"{', '.join(layers)} (largest log-probability difference {worst:.2g})")  # fmt: skip
+            return
+        self.plain_reason = (
+            f"on layers {', '.join(layers)} the fast path's log-probabilities differ from the model's own forward "
+            f"pass by {worst:.3g} (more than {tolerance:g})"
+        )
+        _say_once(logging.WARNING, f"engine: the model takes the plain path (every request recomputed in full, "
+                  f"no key/value cache: several times slower): {self.plain_reason}")  # fmt: skip
 
     def _fit_prompt(self, request: GenerationRequest) -> list[int]:
         # Keep the end of a prompt that would leave too little room (HELM normally fits it first).

@@ -21,8 +21,11 @@ RUNNER_OPTIONS = dict(
 )
 
 
-def register_hf_deployment(folder: Path, *, name: str, max_sequence_length: int, device: str = "cpu") -> str:
-    """Register `folder` with HELM as the local deployment `name`, offline; return the deployment's name."""
+def register_hf_deployment(
+    folder: Path, *, name: str, max_sequence_length: int, device: str = "cpu", dtype: str = "float32"
+) -> str:
+    """Register `folder` with HELM as the local deployment `name`, offline, its weights loaded in `dtype` (a
+    torch dtype's name); return the deployment's name."""
     from helm.benchmark.model_deployment_registry import ClientSpec, ModelDeployment, register_model_deployment
     from helm.benchmark.model_metadata_registry import TEXT_MODEL_TAG, ModelMetadata, register_model_metadata
     from helm.benchmark.tokenizer_config_registry import TokenizerConfig, TokenizerSpec, register_tokenizer_config
@@ -49,7 +52,7 @@ def register_hf_deployment(folder: Path, *, name: str, max_sequence_length: int,
             name=name, model_name=name, tokenizer_name=tokenizer, max_sequence_length=max_sequence_length,
             client_spec=ClientSpec(
                 class_name="helm.clients.huggingface_client.HuggingFaceClient",
-                args={"pretrained_model_name_or_path": str(folder), "device": device},
+                args={"pretrained_model_name_or_path": str(folder), "device": device, "dtype": dtype},
             ),
         )
     )  # fmt: skip
