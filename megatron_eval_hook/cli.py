@@ -50,7 +50,7 @@ def _results(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    rows = Ledger(path).results(run=args.run, all_metrics=args.all_metrics)
+    rows = Ledger(path).results(run=args.run, all_metrics=args.all_metrics, running=True)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif rows:
@@ -60,7 +60,19 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_cpu_without_cuda() -> None:
+    """The CPU shims where there is no CUDA device, before Megatron is imported: megatron-core imports CUDA-only
+    modules (triton, Transformer Engine's) that a CPU machine lacks."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_eval_hook import cpu_shims
+
+        cpu_shims.apply()
+
+
 def _export_hf(args: argparse.Namespace) -> int:
+    _on_cpu_without_cuda()
     from megatron_eval_hook.checkpoints import CheckpointError
     from megatron_eval_hook.export import NotExportable, export_checkpoint
 
@@ -249,12 +261,7 @@ def _backfill(args: argparse.Namespace) -> int:
         print(f"{command}: {error}", file=sys.stderr)
         return 2
     log_to_stdout("[backfill]", quiet_libraries=True)
-    import torch
-
-    if not torch.cuda.is_available():
-        from megatron_eval_hook import cpu_shims
-
-        cpu_shims.apply()  # before Megatron is imported: evaluate on the CPU
+    _on_cpu_without_cuda()  # evaluate on the CPU
     backfill = None
     try:
         backfill = Backfill(
@@ -393,8 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from megatron_eval_hook.ledger import LedgerUnusable
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except LedgerUnusable as error:  # every command's --ledger
+        print(f"megatron-eval {args.command}: --ledger {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

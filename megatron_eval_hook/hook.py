@@ -33,6 +33,7 @@ from megatron_eval_hook.config import (
     resolve_run_name,
 )
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
+from megatron_eval_hook.ledger import LedgerUnusable
 from megatron_eval_hook.log import log_to_stdout
 from megatron_eval_hook.placement import Placement, SaveEvent
 from megatron_eval_hook.placement.async_eval import AsyncPlacement
@@ -127,19 +128,23 @@ class EvalHook:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
             raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: benchmarks: {error}") from error
-        self.placement: Placement = PLACEMENTS[config.placement](
-            config,
-            benchmarks,
-            run=self.run,
-            output_dir=self.output_dir,
-            ledger_path=self.ledger_path,
-            max_sequence_length=config.engine.max_sequence_length or args.seq_length,
-            megatron_args=args,
-            config_path=args.eval_hook_config,
-            rank=self.rank,
-            world_size=self.world_size,
-            evaluating_rank=self.evaluating_rank,
-        )
+        try:
+            self.placement: Placement = PLACEMENTS[config.placement](
+                config,
+                benchmarks,
+                run=self.run,
+                output_dir=self.output_dir,
+                ledger_path=self.ledger_path,
+                max_sequence_length=config.engine.max_sequence_length or args.seq_length,
+                megatron_args=args,
+                config_path=args.eval_hook_config,
+                rank=self.rank,
+                world_size=self.world_size,
+                evaluating_rank=self.evaluating_rank,
+            )
+        except LedgerUnusable as error:
+            key = "ledger" if config.ledger else "ledger (null: <output_dir>/ledger.sqlite)"
+            raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: {key}: {error}") from error
         self._evaluated: set[int] = set()
         if self.is_evaluating_rank:
             logger.info(

@@ -86,14 +86,36 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+class LedgerUnusable(Exception):
+    """The ledger's path cannot hold a ledger; the message names the path, why, and the fix."""
+
+
+def _why_unusable(path: Path, error: BaseException) -> tuple[str, str]:
+    """(what is wrong with `path`, the fix) for an error met while opening a ledger there."""
+    text = str(error).lower()
+    if path.is_dir():
+        return "it is a directory", f"name a file, e.g. {path / 'ledger.sqlite'}"
+    if "not a database" in text or "malformed" in text:
+        return "it is not a SQLite file", "name another file, or move this one away"
+    if "disk is full" in text or getattr(error, "errno", None) == 28:
+        return "its file system is full", "free space there, or put the ledger on another file system"
+    if "readonly" in text or "unable to open" in text or isinstance(error, PermissionError):
+        return "it cannot be written", "make its folder writable, or name a ledger path that is"
+    return f"{type(error).__name__}: {error}", "name a writable file on a local file system"
+
+
 class Ledger:
-    """The SQLite ledger at `path` (created with its folder when missing)."""
+    """The SQLite ledger at `path` (created with its folder when missing); `LedgerUnusable` when it cannot be."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as error:
+            reason, fix = _why_unusable(self.path, error)
+            raise LedgerUnusable(f"{self.path} cannot hold the ledger: {reason}. Fix: {fix}.") from error
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -204,11 +226,11 @@ class Ledger:
             done.setdefault(iteration, set()).add(benchmark)
         return done
 
-    def results(self, run: str | None = None, all_metrics: bool = False) -> list[dict[str, Any]]:
-        """Every finished attempt, oldest first, as flat rows.
+    def results(self, run: str | None = None, all_metrics: bool = False, running: bool = False) -> list[dict[str, Any]]:
+        """Every finished attempt (and, if `running`, every attempt still running), oldest first, as flat rows.
 
         An `ok` attempt gives one row per metric (only its main metric unless `all_metrics`);
-        a `failed` or `skipped` attempt gives one row with `metric` and `value` null.
+        a `failed`, `skipped` or `running` attempt gives one row with `metric` and `value` null.
         """
         query = """
             SELECT e.id, e.run, e.iteration, e.benchmark, e.status, e.error, e.started_at, e.duration_s,
@@ -217,12 +239,12 @@ class Ledger:
             FROM evaluations e
             LEFT JOIN metrics m ON m.evaluation_id = e.id
                 AND (? OR (m.metric = e.main_metric AND m.split = e.main_split))
-            WHERE e.status != 'running' AND (? IS NULL OR e.run = ?)
+            WHERE (? OR e.status != 'running') AND (? IS NULL OR e.run = ?)
             ORDER BY e.id, m.split, m.metric
         """
         with self._connect() as db:
             db.row_factory = sqlite3.Row
-            rows = db.execute(query, (int(all_metrics), run, run)).fetchall()
+            rows = db.execute(query, (int(all_metrics), int(running), run, run)).fetchall()
         return [
             {
                 "run": r["run"],

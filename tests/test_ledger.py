@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from megatron_eval_hook.cli import main
-from megatron_eval_hook.ledger import Ledger, MetricValue
+from megatron_eval_hook.ledger import Ledger, LedgerUnusable, MetricValue
 
 
 def fill(ledger: Ledger) -> None:
@@ -37,10 +42,13 @@ def test_all_metrics_lists_every_metric_of_an_ok_attempt(tmp_path):
     assert sorted(metrics) == [("em", False), ("qem", True)]
 
 
-def test_an_attempt_left_running_by_a_dead_process_becomes_failed(tmp_path):
+def test_an_attempt_left_running_by_a_dead_process_becomes_failed(tmp_path, capsys):
     path = tmp_path / "ledger.sqlite"
     Ledger(path).begin("run-a", 300, "boolq", placement="sync")
     assert Ledger(path).results() == []  # still running: not a result yet
+    assert main(["results", "--ledger", str(path)]) == 0  # but the command shows it
+    table = capsys.readouterr().out
+    assert "running" in table and "300" in table and "no evaluations recorded" not in table
     assert Ledger(path).close_interrupted("run-a") == 1
     (row,) = Ledger(path).results()
     assert row["status"] == "failed" and "interrupted" in row["error"]
@@ -64,3 +72,61 @@ def test_cli_results_table_and_a_missing_ledger(tmp_path, capsys):
     assert "boolq" in table and "skipped" in table and "0.5000" in table
     assert main(["results", "--ledger", str(tmp_path / "none.sqlite")]) == 2
     assert "no ledger" in capsys.readouterr().err
+
+
+def _full_disk(real_connect):
+    """sqlite3.connect whose connections fail as SQLite does on a full file system."""
+
+    class Full(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return super().execute(sql, *args)
+
+    return lambda *args, **kwargs: real_connect(*args, factory=Full, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "problem, reason, fix",
+    [
+        ("a directory", "it is a directory", "name a file, e.g."),
+        ("not SQLite", "it is not a SQLite file", "move this one away"),
+        ("unwritable", "it cannot be written", "make its folder writable"),
+        ("disk full", "its file system is full", "free space there"),
+    ],
+)
+def test_a_path_that_cannot_hold_the_ledger_is_named_with_why_and_the_fix(tmp_path, monkeypatch, problem, reason, fix):
+    path = tmp_path / "ledger.sqlite"
+    if problem == "a directory":
+        path.mkdir()
+    elif problem == "not SQLite":
+        path.write_text("step,loss\n1,10.5\n" * 200)
+    elif problem == "unwritable":
+        path = Path("/proc/ledger.sqlite")  # no one may create files there, root included
+    else:
+        monkeypatch.setattr(sqlite3, "connect", _full_disk(sqlite3.connect))
+    with pytest.raises(LedgerUnusable) as refused:
+        Ledger(path)
+    message = str(refused.value)
+    assert str(path) in message and reason in message and "Fix: " in message and fix in message
+    if problem == "not SQLite":
+        assert path.read_text().startswith("step,loss")  # left as it was
+
+
+def test_the_hook_names_the_ledger_key_and_the_cli_the_flag(tmp_path, demo_data, capsys):
+    from megatron_eval_hook.config import ConfigError, EvalHookConfig
+    from megatron_eval_hook.hook import EvalHook
+
+    config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), ledger=str(tmp_path))
+    config.wandb.enabled = False
+    args = SimpleNamespace(
+        eval_hook_config="conf/helm.yaml", save=str(tmp_path / "run"), save_interval=10, train_iters=100,
+        seq_length=128, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
+        rank=0, world_size=1, wandb_exp_name=None,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        EvalHook(config, args)
+    assert f"--eval-hook-config conf/helm.yaml: ledger: {tmp_path} cannot hold the ledger" in str(refused.value)
+    (tmp_path / "notes.txt").write_text("not a ledger\n" * 100)
+    assert main(["results", "--ledger", str(tmp_path / "notes.txt")]) == 2
+    assert "megatron-eval results: --ledger " in capsys.readouterr().err
