@@ -124,6 +124,7 @@ class EvalHook:
         self.world_size = int(getattr(args, "world_size", 1) or 1)
         self.evaluating_rank = self.world_size - 1  # Megatron's W&B rank
         self._check_schedule(args)
+        max_sequence_length = self._context_window(args)
         try:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
@@ -135,7 +136,7 @@ class EvalHook:
                 run=self.run,
                 output_dir=self.output_dir,
                 ledger_path=self.ledger_path,
-                max_sequence_length=config.engine.max_sequence_length or args.seq_length,
+                max_sequence_length=max_sequence_length,
                 megatron_args=args,
                 config_path=args.eval_hook_config,
                 rank=self.rank,
@@ -176,6 +177,25 @@ class EvalHook:
                 f"saves at multiples of --save-interval {interval} up to iteration {last}. Fix: make schedule.every a "
                 "multiple of --save-interval, or set schedule.final=true."
             )
+
+    def _context_window(self, args: Any) -> int:
+        """The evaluation's context window: `engine.max_sequence_length`, else --seq-length. A model with learned
+        positions has none beyond --max-position-embeddings: refused here rather than failing at every save."""
+        window = self.config.engine.max_sequence_length or args.seq_length
+        positions = getattr(args, "max_position_embeddings", None)
+        learned = getattr(args, "position_embedding_type", "learned_absolute") == "learned_absolute"
+        if learned and positions and window > positions:
+            where = (
+                f"engine.max_sequence_length={window}"
+                if self.config.engine.max_sequence_length
+                else f"--seq-length {window} (engine.max_sequence_length is null)"
+            )
+            raise ConfigError(
+                f"--eval-hook-config {args.eval_hook_config}: {where} is longer than the model's learned position "
+                f"embeddings (--max-position-embeddings {positions}). Fix: set engine.max_sequence_length to at "
+                f"most {positions}."
+            )
+        return window
 
     def after_save(self, iteration: int, model: Any, non_persistent: bool = False) -> None:
         """Called on every rank after Megatron saved `iteration`. Never raises into training

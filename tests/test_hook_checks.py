@@ -83,6 +83,21 @@ def test_a_schedule_starting_after_the_last_iteration_is_refused():
         EvalHook(config, megatron_args())
 
 
+@pytest.mark.parametrize("configured", [None, 2048], ids=["--seq-length", "engine.max_sequence_length"])
+def test_a_context_window_beyond_the_models_learned_positions_is_refused(tmp_path, configured):
+    config = EvalHookConfig(output_dir=str(tmp_path))
+    config.engine.max_sequence_length = configured
+    args = megatron_args(seq_length=2048, max_position_embeddings=1024, position_embedding_type="learned_absolute")
+    with pytest.raises(ConfigError, match="longer than the model's learned position embeddings") as refused:
+        EvalHook(config, args)
+    assert "--max-position-embeddings 1024" in str(refused.value) and "engine.max_sequence_length" in str(refused.value)
+
+
+def test_a_rotary_model_may_evaluate_beyond_its_training_length(tmp_path, demo_data):
+    rotary = dict(seq_length=2048, max_position_embeddings=1024, position_embedding_type="rope")
+    assert hook_on_demo_data(tmp_path, demo_data, **rotary).placement is not None  # no table of positions to outrun
+
+
 def hook_on_demo_data(tmp_path, demo_data, **changes) -> EvalHook:
     config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), output_dir=str(tmp_path))
     config.wandb.enabled = False
