@@ -14,7 +14,7 @@ from conftest import CharTokenizer, tiny_gpt
 
 from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
-from megatron_eval_hook.helm.client import InProcessModel, register_model
+from megatron_eval_hook.helm.client import InProcessModel, NonFiniteOutput, register_model
 from megatron_eval_hook.helm.runner import BenchmarkError, HelmSuite
 
 BENCHMARKS = ["boolq", "narrative_qa", "facts=mmlu:subject=demo_facts,method=multiple_choice_separate_original"]
@@ -408,3 +408,25 @@ def test_files_are_written_as_helm_writes_them_unindented():
             [asdict_without_nones(item) for item in value] if isinstance(value, list) else asdict_without_nones(value)
         )
         assert _dumps_by_parts(value) == json.dumps(plain(value)) == json.dumps(helms)
+
+
+def test_a_model_producing_nan_fails_its_benchmarks_with_the_reason(tmp_path, demo_data, gpt, char_tokenizer):
+    """NaN weights make NaN logits, whose greedy token and summed log-probability would otherwise be scored
+    (0.0 on a generation benchmark, looking like a real, bad score)."""
+    with torch.no_grad():
+        gpt.decoder.layers[0].mlp.linear_fc2.weight[0, 0] = float("nan")
+    model = InProcessModel(
+        Engine(gpt, vocab_size=char_tokenizer.vocab_size, max_sequence_length=1024, batch_size=16,
+               decode=char_tokenizer.decode),
+        char_tokenizer,
+    )  # fmt: skip
+    register_model("suite-test", model)
+    suite = suite_for(
+        tmp_path, demo_data, ["boolq", "mmlu:subject=demo_facts,method=multiple_choice_separate_original"]
+    )
+    outcomes = list(suite.evaluate(model, iteration=3))
+    assert len(outcomes) == 2
+    for prepared, error, _ in outcomes:
+        assert isinstance(error, NonFiniteOutput), (prepared.name, error)
+        assert "the model produced NaN/Inf log-probabilities" in str(error)
+    assert "generation requests" in str(outcomes[0][1]) and "scoring requests" in str(outcomes[1][1])

@@ -15,6 +15,7 @@ For those runs the engine computes only these; the question's tokens report log-
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from array import array
@@ -79,6 +80,10 @@ _ANSWER_ONLY_METHODS = (ADAPT_MULTIPLE_CHOICE_SEPARATE_ORIGINAL, ADAPT_MULTIPLE_
 
 class UnsupportedRequest(ValueError):
     """A request asks for something the engine does not do (yet)."""
+
+
+class NonFiniteOutput(ArithmeticError):
+    """The model produced NaN or infinite log-probabilities: its benchmark fails instead of being scored."""
 
 
 def _key(request: Request) -> tuple:
@@ -163,6 +168,7 @@ class InProcessModel:
         prompts = [self.tokenizer.encode(r.prompt) for r in requests]
         needed_from = [0 if n is None else len(p) - n for p, n in zip(prompts, reads)]
         scores = self.engine.score(prompts, needed_from)
+        _refuse_non_finite("scoring", scores)
         results = []
         for request, tokens, logprobs in zip(requests, prompts, scores):
             output = GeneratedOutput(
@@ -184,6 +190,7 @@ class InProcessModel:
                 for r in requests
             ]
         )
+        _refuse_non_finite("generation", [g.logprobs for g in generations])
         results = []
         for request, generation in zip(requests, generations):
             output = GeneratedOutput(
@@ -196,6 +203,18 @@ class InProcessModel:
             output = truncate_sequence(output, request, print_warning=False)
             results.append(_success([output] * request.num_completions))
         return results
+
+
+def _refuse_non_finite(kind: str, logprobs: Sequence[Sequence[float]]) -> None:
+    """Raise `NonFiniteOutput` when the engine's log-probabilities for any request (before HELM cuts a
+    completion at its stop sequence) hold a NaN or infinity: a greedy token chosen from NaN logits, or a
+    log-probability summed into a score, would otherwise make a number that looks real."""
+    bad = sum(1 for values in logprobs if not all(math.isfinite(v) for v in values))
+    if bad:
+        raise NonFiniteOutput(
+            f"the model produced NaN/Inf log-probabilities on {bad} of {len(logprobs)} {kind} requests: its "
+            "weights or activations are not finite at this checkpoint, so no score is recorded"
+        )
 
 
 def _success(completions: list[GeneratedOutput]) -> RequestResult:
