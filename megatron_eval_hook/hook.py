@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 from megatron_eval_hook.checkpoints import is_last_save, tokens_seen
@@ -33,7 +34,7 @@ from megatron_eval_hook.config import (
     resolve_run_name,
 )
 from megatron_eval_hook.helm.benchmarks import resolve_benchmarks
-from megatron_eval_hook.ledger import LedgerUnusable
+from megatron_eval_hook.ledger import Ledger, LedgerUnusable
 from megatron_eval_hook.log import log_to_stdout
 from megatron_eval_hook.placement import Placement, SaveEvent
 from megatron_eval_hook.placement.async_eval import AsyncPlacement
@@ -125,6 +126,8 @@ class EvalHook:
         self.evaluating_rank = self.world_size - 1  # Megatron's W&B rank
         self._check_schedule(args)
         max_sequence_length = self._context_window(args)
+        if self.is_evaluating_rank:
+            self._claim_run(args)
         try:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
@@ -144,8 +147,7 @@ class EvalHook:
                 evaluating_rank=self.evaluating_rank,
             )
         except LedgerUnusable as error:
-            key = "ledger" if config.ledger else "ledger (null: <output_dir>/ledger.sqlite)"
-            raise ConfigError(f"--eval-hook-config {args.eval_hook_config}: {key}: {error}") from error
+            raise self._ledger_refused(error) from error
         self._evaluated: set[int] = set()
         if self.is_evaluating_rank:
             logger.info(
@@ -176,6 +178,32 @@ class EvalHook:
                 f"schedule (start={schedule.start}, every={schedule.every}, end={schedule.end}) selects none of the "
                 f"saves at multiples of --save-interval {interval} up to iteration {last}. Fix: make schedule.every a "
                 "multiple of --save-interval, or set schedule.final=true."
+            )
+
+    def _ledger_refused(self, error: LedgerUnusable) -> ConfigError:
+        key = "ledger" if self.config.ledger else "ledger (null: <output_dir>/ledger.sqlite)"
+        return ConfigError(f"--eval-hook-config {self.args.eval_hook_config}: {key}: {error}")
+
+    def _claim_run(self, args: Any) -> None:
+        """The run's name in the ledger stands for this --save folder; an earlier run of another folder holding
+        it is refused, as its results and these would merge into one curve."""
+        try:
+            holder = Ledger(self.ledger_path).claim_run(self.run, args.save)
+        except LedgerUnusable as error:
+            raise self._ledger_refused(error) from error
+        if holder is not None:
+            source = (
+                "run_name"
+                if self.config.run_name
+                else "--wandb-exp-name"
+                if getattr(args, "wandb_exp_name", None)
+                else "the --save folder's name"
+            )
+            raise ConfigError(
+                f"--eval-hook-config {args.eval_hook_config}: the run name {self.run!r} (from {source}) already "
+                f"names another run in the ledger {self.ledger_path}, the one saving into {holder}; this run saves "
+                f"into {Path(args.save).resolve()}. Fix: give this run a name of its own "
+                f"(--eval-hook-override run_name=NAME), or resume that run with --save {holder}."
             )
 
     def _context_window(self, args: Any) -> int:

@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS metrics (
     count         INTEGER,
     PRIMARY KEY (evaluation_id, metric, split)
 );
+CREATE TABLE IF NOT EXISTS runs (
+    run         TEXT    PRIMARY KEY,
+    save_dir    TEXT    NOT NULL,   -- the training run's --save folder, resolved: what the name stands for
+    claimed_at  TEXT    NOT NULL    -- ISO 8601, UTC
+);
 CREATE TABLE IF NOT EXISTS baselines (
     model       TEXT    NOT NULL,   -- a published model, e.g. pythia-160m
     benchmark   TEXT    NOT NULL,
@@ -205,6 +210,17 @@ class Ledger:
             db.executemany(
                 "UPDATE evaluations SET blocked_s = ? WHERE id = ?", [(blocked_s, i) for i in evaluation_ids]
             )
+
+    def claim_run(self, run: str, save_dir: str | Path) -> str | None:
+        """Record that `run` names the training run saving into `save_dir`; None when it does (now or already),
+        else the folder of the other run that holds the name, whose results `run`'s would merge with."""
+        folder = str(Path(save_dir).resolve())
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO runs (run, save_dir, claimed_at) VALUES (?, ?, ?)", (run, folder, utc_now())
+            )
+            (holder,) = db.execute("SELECT save_dir FROM runs WHERE run = ?", (run,)).fetchone()
+        return None if holder == folder else holder
 
     def close_interrupted(self, run: str) -> int:
         """Mark `run`'s attempts left `running` by a process that died as failed; return how many."""

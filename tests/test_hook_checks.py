@@ -199,3 +199,17 @@ def test_export_hf_that_cannot_be_written_is_refused_before_training(tmp_path, d
     )  # fmt: skip
     EvalHook(config, gpt2_args(tmp_path, **llama))
     EvalHook(config, gpt2_args(tmp_path, **llama, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="hf"))
+
+
+def test_a_run_name_another_runs_results_hold_in_the_ledger_is_refused(tmp_path, demo_data):
+    config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir), ledger=str(tmp_path / "l.sqlite"))
+    config.wandb.enabled = False
+    EvalHook(config, megatron_args(save=str(tmp_path / "first"), wandb_exp_name="llama-1b"))
+    EvalHook(config, megatron_args(save=str(tmp_path / "first"), wandb_exp_name="llama-1b"))  # a resume: its own
+    with pytest.raises(ConfigError) as refused:
+        EvalHook(config, megatron_args(save=str(tmp_path / "second"), wandb_exp_name="llama-1b"))
+    message = str(refused.value)
+    assert "the run name 'llama-1b' (from --wandb-exp-name) already names another run" in message
+    assert str(tmp_path / "first") in message and "run_name=NAME" in message
+    config.run_name = "llama-1b-lr2"
+    EvalHook(config, megatron_args(save=str(tmp_path / "second"), wandb_exp_name="llama-1b"))
