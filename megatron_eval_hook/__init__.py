@@ -62,11 +62,39 @@ def install(args: Any) -> Any:
     """Install the evaluation hook for a parsed Megatron `args` namespace.
 
     Does nothing and returns None when `args.eval_hook_config` is unset. Otherwise loads and
-    validates the config (raising a readable error before training starts), wraps Megatron's
-    `save_checkpoint`, and returns the live `EvalHook`.
+    validates the config, wraps Megatron's `save_checkpoint`, and returns the live `EvalHook`.
+    A config or run the hook refuses stops the job before training starts (`refuse`).
     """
     if getattr(args, "eval_hook_config", None) is None:
         return None
+    from megatron_eval_hook.config import ConfigError
     from megatron_eval_hook.hook import install_hook
 
-    return install_hook(args)
+    try:
+        return install_hook(args)
+    except ConfigError as error:
+        refuse(error, args)
+
+
+def refuse(error: Exception, args: Any) -> None:
+    """Stop the job, exit status 2, with `error` said once as one block (what, where from, the fix), not in a
+    traceback. The last rank says it: every refusal is found there (some only there: the ledger is its own);
+    other ranks leave a moment later and silently. Under torchrun the block goes into the error file torchrun
+    gives each worker, and its closing summary shows it, last, as the root cause; elsewhere on stderr."""
+    import json
+    import os
+    import sys
+    import time
+
+    world_size = int(getattr(args, "world_size", 1) or 1)
+    if int(getattr(args, "rank", 0) or 0) != world_size - 1:
+        time.sleep(1.0)  # after the saying rank: torchrun's root cause is the first failure it observes
+        sys.exit(2)
+    block = f"megatron_eval_hook: training not started.\n{error}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        with open(error_file, "w") as file:  # type: ignore[arg-type]
+            json.dump({"message": block, "timestamp": int(time.time())}, file)
+    except (OSError, TypeError):  # not under torchrun, or its file cannot be written: say it here
+        print(f"\n{block}\n", file=sys.stderr, flush=True)
+    sys.exit(2)

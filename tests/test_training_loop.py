@@ -75,11 +75,18 @@ def test_data_parallel_ranks_wait_for_the_evaluating_rank(demo_data, tmp_path):
     assert result.stdout.count("[eval-hook] iteration 2:") == 1
 
 
-def test_a_config_mistake_stops_the_job_before_the_first_iteration(demo_data, tmp_path):
-    result = train(tmp_path, demo_data, iterations=2, save_interval=2, hook=["schedule.evry=3"])
+def test_a_config_mistake_stops_the_job_before_the_first_iteration_said_once_and_last(demo_data, tmp_path):
+    """Two ranks refuse; the block (what, where from, the fix) comes once, as torchrun's root cause at the end of
+    its output, with no traceback of the hook's."""
+    result = train(tmp_path, demo_data, iterations=2, save_interval=2, nproc=2, hook=["schedule.evry=3"])
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "schedule.evry" in result.stdout + result.stderr
     assert "iteration        1/" not in result.stdout
+    assert output.count("megatron_eval_hook: training not started.") == 1
+    root_cause = result.stderr[result.stderr.rindex("Root Cause") :]
+    assert "megatron_eval_hook: training not started." in root_cause and "schedule.evry" in root_cause
+    assert "Fix:" in root_cause and "exitcode  : 2" in root_cause
+    assert f'File "{REPO / "megatron_eval_hook"}' not in output  # no traceback through the hook
 
 
 def test_the_launcher_installs_the_hook_in_an_unmodified_script(demo_data, tmp_path):
