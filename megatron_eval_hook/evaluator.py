@@ -84,6 +84,9 @@ class Evaluator:
         self._exported: Path | None = None  # where the latest evaluation's weights were exported
         self._export_s = 0.0
         self.failed: list[str] = []  # benchmarks that failed in the latest evaluation
+        # attempts whose failure the ledger could not record (e.g. a full disk): (ledger id, reason), retried
+        # at the next evaluation
+        self._unrecorded: list[tuple[int, str]] = []
         self.export = SnapshotExport.check(config.export_hf, megatron_args, where) if config.export_hf else None
         try:
             self.suite = HelmSuite(
@@ -121,6 +124,7 @@ class Evaluator:
         sharded placement's engine, computed by every rank of the job)."""
         from megatron_eval_hook.helm.client import InProcessModel, MegatronTokenizer, register_model
 
+        self._record_unrecorded()
         chosen = [p for p in self.suite.benchmarks if only is None or p.name in only]
         self._scores, self._main, self._duration_s, self.failed = {}, {}, 0.0, []
         self._exported, self._export_s = None, 0.0
@@ -156,10 +160,23 @@ class Evaluator:
                 else f"{type(error).__name__}: {error}"
             )
             for name, evaluation_id in self._open.items():
-                self.ledger.finish_failed(evaluation_id, reason, 0.0)
+                self._unrecorded.append((evaluation_id, reason))
                 self.failed.append(name)
             self._open.clear()
+            self._record_unrecorded()
             raise
+
+    def _record_unrecorded(self) -> None:
+        """Record as failed the attempts whose failure the ledger could not take; those it still cannot take are
+        kept for the next evaluation, and said loudly."""
+        waiting, self._unrecorded = self._unrecorded, []
+        for evaluation_id, reason in waiting:
+            try:
+                self.ledger.finish_failed(evaluation_id, reason, 0.0)
+            except Exception as error:
+                self._unrecorded.append((evaluation_id, reason))
+                logger.error("the ledger cannot record that evaluation %d failed (%s: %s); retried at the next save",
+                             evaluation_id, type(error).__name__, error)  # fmt: skip
 
     def _export(self, gpt: Any, tokenizer: Any, iteration: int) -> None:
         """`export_hf`: a failure is logged and the benchmarks still run (their scores matter more)."""
@@ -180,14 +197,16 @@ class Evaluator:
         logger.info("iteration %d: not evaluated: %s", iteration, reason)
 
     def _close(self, prepared: Any, outcome: list[MetricValue] | Exception, seconds: float) -> None:
-        evaluation_id = self._open.pop(prepared.name)
+        evaluation_id = self._open[prepared.name]  # open until the ledger took its end
         self._duration_s += seconds
         if isinstance(outcome, Exception):
             self.ledger.finish_failed(evaluation_id, f"{type(outcome).__name__}: {outcome}", seconds)
+            del self._open[prepared.name]
             self.failed.append(prepared.name)
             logger.warning("benchmark %s failed: %s", prepared.name, outcome)
             return
         self.ledger.finish_ok(evaluation_id, outcome, seconds)
+        del self._open[prepared.name]
         for metric in outcome:
             is_main = (metric.metric, metric.split) == (prepared.main_metric, prepared.main_split)
             if is_main:
@@ -200,7 +219,11 @@ class Evaluator:
 
         `blocked_s`: how long training waited for this evaluation (None when it did not wait)."""
         if blocked_s is not None:
-            self.ledger.set_blocked(self._ids, blocked_s)
+            try:
+                self.ledger.set_blocked(self._ids, blocked_s)
+            except Exception as error:  # the scores still go to the sinks
+                logger.error("the ledger cannot record the blocked time of iteration %d: %s: %s",
+                             iteration, type(error).__name__, error)  # fmt: skip
         scores = ", ".join(f"{name} {value:.3f}" for name, value in self._main.items())
         timing = f"evaluated in {self._duration_s:.1f} s"
         if blocked_s is not None:

@@ -164,3 +164,41 @@ def test_a_job_restarted_from_its_checkpoint_logs_into_the_same_wandb_run(hooked
     assert [step for step, _ in series(second, "lm loss")] == [8, 9, 10]
     curve = [i for job in (first, second) for i, _ in series(job, "eval/facts/exact_match", x="eval/iteration")]
     assert curve == [3, 6, 7, 9, 10]
+
+
+def faulty_run(tmp_path, demo_data, faults: dict[str, int], iterations: int, *hook: str):
+    """A run of `iterations` saving at each, with `faults` (site -> iteration) injected; its ledger rows by
+    iteration, and its output."""
+    result = ok(
+        train(
+            tmp_path, demo_data, iterations=iterations, save_interval=1, hook=[f"benchmarks=['{FACTS}']", *hook],
+            script=REPO / "tests" / "faulty_pretrain.py",
+            environment={"EVAL_HOOK_FAULTS": ",".join(f"{site}@{i}" for site, i in faults.items())},
+        )
+    )  # fmt: skip
+    assert f"iteration        {iterations}/       {iterations}" in result.stdout
+    rows = {r["iteration"]: r for r in Ledger(tmp_path / "eval" / "ledger.sqlite").results()}
+    return rows, result.stdout + result.stderr
+
+
+def test_a_fault_at_any_of_the_hooks_call_sites_never_stops_training(demo_data, tmp_path):
+    """Each save of one real run breaks another part of the hook's save path (tests/faulty_pretrain.py); training
+    reaches its last iteration, and the ledger says what happened as soon as it can take it."""
+    faults = {"ledger": 1, "wandb": 2, "tensorboard": 3, "helm": 4, "engine": 5}  # and none at 6
+    rows, output = faulty_run(tmp_path, demo_data, faults, 6)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    # a full disk at the save: its failure is recorded at the next save, when the ledger can take it
+    assert rows[1]["status"] == "failed" and "database or disk is full" in rows[1]["error"]
+    assert "the ledger cannot record that evaluation" in output
+    for iteration in (2, 3, 6):  # a sink failing loses nothing: the ledger holds the scores
+        assert rows[iteration]["status"] == "ok" and rows[iteration]["blocked_s"] is not None
+    assert rows[4]["status"] == "failed" and "injected: HELM failed" in rows[4]["error"]
+    assert rows[5]["status"] == "failed" and "injected: the engine failed" in rows[5]["error"]
+
+
+def test_under_the_async_placement_a_failed_snapshot_or_sink_never_stops_training(demo_data, tmp_path):
+    rows, _ = faulty_run(tmp_path, demo_data, {"snapshot": 1, "wandb": 2}, 3, "placement=async", "pending_policy=all")
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[1]["status"] == "failed"
+    assert "the snapshot of the weights could not be copied: MemoryError: injected" in rows[1]["error"]
+    assert rows[2]["status"] == rows[3]["status"] == "ok"

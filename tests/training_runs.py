@@ -46,10 +46,11 @@ def training_command(
     launcher: bool = False,
     megatron_wandb: bool = True,
     extra: Sequence[str] = (),
+    environment: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The torchrun command line and environment of a tiny pretraining saving into `tmp/checkpoints`
     (run from `data.root`); `hook` are --eval-hook-override values (None: no hook); `extra` are more
-    Megatron arguments (e.g. --load to resume)."""
+    Megatron arguments (e.g. --load to resume); `environment`: more environment variables."""
     args = [
         *TINY, *CPU_ARGS, "--global-batch-size", str(4 * nproc),
         "--train-iters", str(iterations), "--save-interval", str(save_interval), "--save", str(tmp / "checkpoints"),
@@ -63,7 +64,7 @@ def training_command(
         for override in [f"data_dir={data.helm_dir}", f"output_dir={tmp / 'eval'}", "max_eval_instances=2", *hook]:
             args += ["--eval-hook-override", override]
     head = [str(REPO / "tests" / "cpu_launch.py"), str(script)] if launcher else [str(script)]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp), **(environment or {})}
     return torchrun_command([*head, *args], nproc=nproc), env
 
 

@@ -59,6 +59,7 @@ class Snapshot:
     iteration: int
     tokens: int | None
     blocked_s: float = 0.0
+    broken: str | None = None  # why this rank's shards could not be copied: never evaluated
 
 
 class EvalProcess:
@@ -259,13 +260,25 @@ class AsyncPlacement:
                 f"(pending_policy=latest, max_pending={self.config.max_pending})",
             )
         if self._skipping is None:
-            copy_into(taken.slot.buffer.tensor, self._sources, base=self._own_base)
+            try:
+                copy_into(taken.slot.buffer.tensor, self._sources, base=self._own_base)
+            except Exception as error:  # the other ranks' shards are still received, to keep them in step
+                snapshot.broken = f"the snapshot of the weights could not be copied: {type(error).__name__}: {error}"
+                logger.exception("iteration %d: %s", iteration, snapshot.broken)
         snapshot.blocked_s = time.perf_counter() - started
         if self._senders:
             self._to_receive.put(taken.slot)
         else:
-            self.slots.filled(taken.slot, snapshot)
+            self._filled(taken.slot, snapshot)
         return snapshot.blocked_s
+
+    def _filled(self, slot: Slot, snapshot: Snapshot) -> None:
+        """The snapshot in `slot` is complete: it waits for the eval process, unless it is broken."""
+        if snapshot.broken is None:
+            self.slots.filled(slot, snapshot)
+            return
+        self._record("failed", snapshot, snapshot.broken)
+        self.slots.release(slot, snapshot)
 
     def _prepare(self, model: Any) -> None:
         """On the first snapshot, on every rank: find this rank's shards; the last rank learns everyone's."""
@@ -333,7 +346,7 @@ class AsyncPlacement:
                 self._record("failed", snapshot, f"the snapshot did not arrive from every rank: {error}")
                 self.slots.release(slot, snapshot)
                 continue
-            self.slots.filled(slot, snapshot)
+            self._filled(slot, snapshot)
 
     # --- the eval process, watched from the manager thread of the last rank ---
 
