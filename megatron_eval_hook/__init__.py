@@ -88,8 +88,8 @@ def refuse(error: Exception, args: Any) -> None:
 
     world_size = int(getattr(args, "world_size", 1) or 1)
     if int(getattr(args, "rank", 0) or 0) != world_size - 1:
-        time.sleep(1.0)  # after the saying rank: torchrun's root cause is the first failure it observes
-        sys.exit(2)
+        time.sleep(2.0)  # after the saying rank: torchrun's root cause is the first failure it observes
+        _exit(2)
     block = f"megatron_eval_hook: training not started.\n{error}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     try:
@@ -97,4 +97,15 @@ def refuse(error: Exception, args: Any) -> None:
             json.dump({"message": block, "timestamp": int(time.time())}, file)
     except (OSError, TypeError):  # not under torchrun, or its file cannot be written: say it here
         print(f"\n{block}\n", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit(2)
+
+
+def _exit(status: int) -> None:
+    """Leave now: no interpreter teardown (Megatron's W&B run would take seconds to close, and a rank still
+    closing when another leaves is stopped by torchrun, its own failure then reported as a signal)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
