@@ -65,11 +65,13 @@ def test_every_command_runs_as_a_user_runs_it(hooked, demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data.helm_dir / "boolq", data / "boolq")  # present: nothing to download
     succeeds("prepare-data", "--config", config, "--override", "benchmarks=[boolq]", "--data-dir", str(data))
-    # backfill the last save again into a new output folder: its tokenizer files resolve from the demo's folder
+    # backfill the last save again, into folders of its own (the session's run stays as it is): its tokenizer
+    # files resolve from the demo's folder
     succeeds(
         "backfill", "--checkpoints", str(run / "checkpoints"), "--config", config, *overrides,
         "--override", f"output_dir={tmp_path / 'backfill'}", "--override", "max_eval_instances=2",
-        "--override", "wandb.enabled=false", "--start", "7", "--end", "7",
+        "--override", "wandb.enabled=false", "--tensorboard-dir", str(tmp_path / "tensorboard"),
+        "--start", "7", "--end", "7",
         cwd=demo_data.root,
     )  # fmt: skip
     assert "boolq" in succeeds("results", "--ledger", str(tmp_path / "backfill" / "ledger.sqlite"))
