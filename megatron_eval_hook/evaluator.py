@@ -21,6 +21,7 @@ from megatron_eval_hook.export import SnapshotExport
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.helm.runner import BenchmarkError, HelmSuite
 from megatron_eval_hook.ledger import Ledger, MetricValue
+from megatron_eval_hook.sinks import Deliveries, is_logged, score_key
 
 logger = logging.getLogger("megatron_eval_hook")
 
@@ -74,6 +75,7 @@ class Evaluator:
         self.ledger = ledger
         self.placement = placement
         self.sinks = sinks
+        self.deliveries = Deliveries(sinks, ledger, run, config.wandb.log_all_metrics)
         self.max_sequence_length = max_sequence_length
         self.model_key = re.sub(r"[^A-Za-z0-9_.-]", "_", run)
         self._open: dict[str, int] = {}  # benchmark -> ledger id of its attempt still running
@@ -211,8 +213,10 @@ class Evaluator:
             is_main = (metric.metric, metric.split) == (prepared.main_metric, prepared.main_split)
             if is_main:
                 self._main[prepared.name] = metric.value
-            if is_main or (self.config.wandb.log_all_metrics and metric.split == prepared.main_split):
-                self._scores[f"eval/{prepared.name}/{metric.metric}"] = metric.value
+            logged = is_logged(metric.metric, metric.split, prepared.main_metric, prepared.main_split,
+                               self.config.wandb.log_all_metrics)  # fmt: skip
+            if logged:
+                self._scores[score_key(prepared.name, metric.metric)] = metric.value
 
     def publish(self, iteration: int, blocked_s: float | None = None) -> None:
         """Log the readable line and send the scores of the latest evaluation to the sinks.
@@ -234,13 +238,10 @@ class Evaluator:
         values = {**self._scores, "eval/duration_s": self._duration_s}
         if blocked_s is not None:
             values["eval/blocked_s"] = blocked_s
-        for sink in self.sinks:
-            try:
-                sink.log(iteration, values)
-            except Exception:  # a sink failure loses nothing: the ledger already holds the scores
-                logger.exception("%s failed at iteration %d", type(sink).__name__, iteration)
+        self.deliveries.send(iteration, values)
 
     def close(self) -> None:
+        self.deliveries.flush()
         for sink in self.sinks:
             try:
                 sink.close()

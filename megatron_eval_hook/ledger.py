@@ -12,6 +12,7 @@ process that dies mid-evaluation leaves a trace; the next `Ledger.close_interrup
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -47,9 +48,14 @@ CREATE TABLE IF NOT EXISTS metrics (
     count         INTEGER,
     PRIMARY KEY (evaluation_id, metric, split)
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations (id),
+    sink          TEXT    NOT NULL,   -- wandb, tensorboard: a sink that has received this evaluation's scores
+    PRIMARY KEY (evaluation_id, sink)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run         TEXT    PRIMARY KEY,
-    save_dir    TEXT    NOT NULL,   -- the training run's --save folder, resolved: what the name stands for
+    save_dir    TEXT    NOT NULL,   -- the training run's --save folder, relative to the ledger's folder
     claimed_at  TEXT    NOT NULL    -- ISO 8601, UTC
 );
 CREATE TABLE IF NOT EXISTS baselines (
@@ -117,7 +123,13 @@ class Ledger:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
+                tracked = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
                 db.executescript(_SCHEMA)
+                if tracked is None:  # a ledger from before deliveries were recorded: its sinks had every score
+                    db.execute(
+                        "INSERT OR IGNORE INTO deliveries SELECT id, sink FROM evaluations,"
+                        " (SELECT 'wandb' AS sink UNION SELECT 'tensorboard') WHERE status = 'ok'"
+                    )
         except (sqlite3.Error, OSError) as error:
             reason, fix = _why_unusable(self.path, error)
             raise LedgerUnusable(f"{self.path} cannot hold the ledger: {reason}. Fix: {fix}.") from error
@@ -211,16 +223,55 @@ class Ledger:
                 "UPDATE evaluations SET blocked_s = ? WHERE id = ?", [(blocked_s, i) for i in evaluation_ids]
             )
 
+    def last_evaluation_id(self) -> int:
+        """The id of the latest attempt recorded (0 in an empty ledger): later ones have larger ids."""
+        with self._connect() as db:
+            return db.execute("SELECT COALESCE(MAX(id), 0) FROM evaluations").fetchone()[0]
+
+    def mark_delivered(self, run: str, iteration: int, benchmarks: Iterable[str], sink: str) -> None:
+        """`sink` has received the scores of `benchmarks` at `iteration` of `run` (their `ok` evaluations)."""
+        names = list(benchmarks)
+        if not names:
+            return
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO deliveries SELECT id, ? FROM evaluations WHERE run = ? AND iteration = ?"
+                f" AND status = 'ok' AND benchmark IN ({','.join('?' * len(names))})",
+                (sink, run, iteration, *names),
+            )
+
+    def undelivered(self, run: str, sink: str, up_to: int) -> list[dict[str, Any]]:
+        """The metrics of `run`'s `ok` evaluations with ids up to `up_to` that `sink` never received, by
+        iteration then id: one dict per metric (iteration, benchmark, metric, split, value, main_metric,
+        main_split)."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                """
+                SELECT e.iteration, e.benchmark, e.main_metric, e.main_split, m.metric, m.split, m.value
+                FROM evaluations e JOIN metrics m ON m.evaluation_id = e.id
+                WHERE e.run = ? AND e.status = 'ok' AND e.id <= ?
+                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.evaluation_id = e.id AND d.sink = ?)
+                ORDER BY e.iteration, e.id, m.split, m.metric
+                """,
+                (run, up_to, sink),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
     def claim_run(self, run: str, save_dir: str | Path) -> str | None:
         """Record that `run` names the training run saving into `save_dir`; None when it does (now or already),
-        else the folder of the other run that holds the name, whose results `run`'s would merge with."""
-        folder = str(Path(save_dir).resolve())
+        else the folder of the other run that holds the name, whose results `run`'s would merge with.
+
+        The folder is kept relative to the ledger's: a run folder holding its own ledger (the default,
+        <save>/eval_hook/ledger.sqlite) keeps its name when it is moved or copied whole."""
+        here = self.path.parent.resolve()
+        folder = os.path.relpath(Path(save_dir).resolve(), here)
         with self._connect() as db:
             db.execute(
                 "INSERT OR IGNORE INTO runs (run, save_dir, claimed_at) VALUES (?, ?, ?)", (run, folder, utc_now())
             )
             (holder,) = db.execute("SELECT save_dir FROM runs WHERE run = ?", (run,)).fetchone()
-        return None if holder == folder else holder
+        return None if holder == folder else os.path.normpath(here / holder)
 
     def close_interrupted(self, run: str) -> int:
         """Mark `run`'s attempts left `running` by a process that died as failed; return how many."""

@@ -213,3 +213,13 @@ def test_a_run_name_another_runs_results_hold_in_the_ledger_is_refused(tmp_path,
     assert str(tmp_path / "first") in message and "run_name=NAME" in message
     config.run_name = "llama-1b-lr2"
     EvalHook(config, megatron_args(save=str(tmp_path / "second"), wandb_exp_name="llama-1b"))
+
+
+def test_a_run_folder_copied_whole_keeps_its_name(tmp_path, demo_data):
+    import shutil
+
+    config = EvalHookConfig(benchmarks=["boolq"], data_dir=str(demo_data.helm_dir))  # ledger in <save>/eval_hook
+    config.wandb.enabled = False
+    EvalHook(config, megatron_args(save=str(tmp_path / "a" / "run"), wandb_exp_name="x"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # e.g. onto another file system, then resumed from there
+    EvalHook(config, megatron_args(save=str(tmp_path / "b" / "run"), wandb_exp_name="x"))

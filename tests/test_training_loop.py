@@ -192,6 +192,10 @@ def test_a_fault_at_any_of_the_hooks_call_sites_never_stops_training(demo_data, 
     assert "the ledger cannot record that evaluation" in output
     for iteration in (2, 3, 6):  # a sink failing loses nothing: the ledger holds the scores
         assert rows[iteration]["status"] == "ok" and rows[iteration]["blocked_s"] is not None
+    # W&B failed at the save of 2: its score was logged again at a later training step, at its own iteration, once
+    runs = [read_run(path) for path in run_files(tmp_path)]
+    logged = [point for run in runs for point in series(run, "eval/facts/exact_match", x="eval/iteration")]
+    assert sorted(i for i, _ in logged) == [2, 3, 6]
     assert rows[4]["status"] == "failed" and "injected: HELM failed" in rows[4]["error"]
     assert rows[5]["status"] == "failed" and "injected: the engine failed" in rows[5]["error"]
 
@@ -202,3 +206,6 @@ def test_under_the_async_placement_a_failed_snapshot_or_sink_never_stops_trainin
     assert rows[1]["status"] == "failed"
     assert "the snapshot of the weights could not be copied: MemoryError: injected" in rows[1]["error"]
     assert rows[2]["status"] == rows[3]["status"] == "ok"
+    runs = [read_run(path) for path in run_files(tmp_path)]
+    logged = [point for run in runs for point in series(run, "eval/facts/exact_match", x="eval/iteration")]
+    assert sorted(i for i, _ in logged) == [2, 3]  # W&B failing on 2 lost nothing, and logged nothing twice

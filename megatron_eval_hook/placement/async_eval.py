@@ -43,7 +43,7 @@ from megatron_eval_hook.placement import SaveEvent
 from megatron_eval_hook.placement.slots import Slot, Slots
 from megatron_eval_hook.placement.sync import unwrap_chunks
 from megatron_eval_hook.placement.worker import Job
-from megatron_eval_hook.sinks import training_sinks
+from megatron_eval_hook.sinks import Deliveries, training_sinks
 from megatron_eval_hook.snapshot import Shard, SharedBuffer, copy_into, extent, main_replicas, moved
 
 logger = logging.getLogger("megatron_eval_hook")
@@ -186,6 +186,7 @@ class AsyncPlacement:
         _check_device(config.eval_device, where=f"--eval-hook-config {config_path}")
         self.ledger = Ledger(ledger_path)
         self.sinks = training_sinks(config, run=run, output_dir=output_dir, megatron_args=megatron_args)
+        self.deliveries = Deliveries(self.sinks, self.ledger, run, config.wandb.log_all_metrics)
         self.process = EvalProcess(
             {
                 "config": config,
@@ -443,16 +444,18 @@ class AsyncPlacement:
         row per step (more would push its step past Megatron's next one, whose rows W&B would drop)."""
         if not self.is_evaluating_rank:
             return
-        for _ in range(at_most if at_most is not None else sys.maxsize):
+        budget = at_most if at_most is not None else sys.maxsize
+        while budget > 0:
             try:
                 iteration, values = self._results.get_nowait()
             except queue.Empty:
-                return
-            for sink in self.sinks:
-                try:
-                    sink.log(iteration, values)
-                except Exception:  # the ledger holds the scores already
-                    logger.exception("%s failed at iteration %d", type(sink).__name__, iteration)
+                break
+            self.deliveries.send(iteration, values)
+            budget -= 1
+        if at_most is None:
+            self.deliveries.flush()
+        elif budget > 0:
+            self.deliveries.deliver(budget)  # what a sink still lacks, in the rows left this step
 
     def finish(self, exiting: bool = False) -> None:
         """At the end of training: let the pending evaluations finish (up to `finish_timeout_s`; not at

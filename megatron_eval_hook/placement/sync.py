@@ -139,10 +139,15 @@ class SyncPlacement:
             self.evaluator.publish(event.iteration, blocked_s=time.perf_counter() - started)
 
     def at_log(self) -> None:
-        """Nothing: the scores were logged at the save."""
+        """The evaluating rank: one row of scores a sink still lacks (`Deliveries`), if any; a save's own scores
+        were logged at the save."""
+        if self.evaluator is not None:
+            self.evaluator.deliveries.deliver(1)
 
     def at_end(self, exiting: bool) -> None:
-        """Nothing: every evaluation ended at its save."""
+        """Every evaluation ended at its save: log what a sink still lacks."""
+        if self.evaluator is not None:
+            self.evaluator.deliveries.flush()
 
     def _layout_of_job(self) -> Layout | None:
         """This rank's place in a sharded evaluation; None in a job of one rank. Collective on every rank the

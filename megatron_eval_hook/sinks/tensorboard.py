@@ -16,6 +16,8 @@ class TensorBoardSink:
 
     `writer`: a SummaryWriter of the sink's own (closed with the sink); None for Megatron's."""
 
+    name = "tensorboard"  # in the ledger's deliveries
+
     def __init__(self, writer: Any = None):
         self._writer = writer
 

@@ -55,6 +55,8 @@ class WandbSink:
     `run_id_file`: the run's id is read from it (to resume that run) and written to it.
     `use_active_run`: attach to the process's active run (Megatron's) when there is one."""
 
+    name = "wandb"  # in the ledger's deliveries
+
     def __init__(
         self,
         config: WandbConfig,
