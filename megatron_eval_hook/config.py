@@ -41,6 +41,14 @@ class ScheduleConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """What a job restarted from a checkpoint (--load) does about the save it resumes from."""
+
+    evaluate_missing: bool = True  # evaluate, before iteration 1, the benchmarks that save lacks an ok result for
+    max_attempts: int = 3  # a benchmark that failed this often at that save is not tried again
+
+
+@dataclass
 class EngineConfig:
     """The scoring engine that answers HELM's requests with the training model."""
 
@@ -81,6 +89,7 @@ class EvalHookConfig:
     finish_timeout_s: float = 3600.0  # at the end of training, how long to wait for pending evaluations
     run_name: str | None = None  # null = --wandb-exp-name, else the name of the --save folder
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     benchmarks: list[str] = field(default_factory=lambda: ["default"])
     presets: dict[str, list[str]] = field(default_factory=dict)
     max_eval_instances: int = 100
@@ -194,6 +203,8 @@ def check_config(config: EvalHookConfig, where: str = "eval hook config") -> Non
         raise bad("num_train_trials", config.num_train_trials, "use 1 or more.")
     if config.engine.batch_size < 1:
         raise bad("engine.batch_size", config.engine.batch_size, "use 1 or more sequences.")
+    if config.resume.max_attempts < 1:
+        raise bad("resume.max_attempts", config.resume.max_attempts, "use 1 or more (1: never retry).")
     if config.engine.max_sequence_length is not None and config.engine.max_sequence_length < 2:
         raise bad("engine.max_sequence_length", config.engine.max_sequence_length, "use null or >= 2 tokens.")
     if config.wandb.mode is not None and config.wandb.mode not in WANDB_MODES:

@@ -110,6 +110,12 @@ class Evaluator:
     def benchmark_names(self) -> list[str]:
         return [prepared.name for prepared in self.suite.benchmarks]
 
+    def missing(self, iteration: int, max_attempts: int) -> list[str]:
+        """The benchmarks without an `ok` result at `iteration` that failed there fewer than `max_attempts` times."""
+        done = self.ledger.ok_benchmarks(self.run).get(iteration, set())
+        failed = self.ledger.failed_attempts(self.run, iteration)
+        return [name for name in self.benchmark_names if name not in done and failed.get(name, 0) < max_attempts]
+
     def evaluate(
         self,
         iteration: int,

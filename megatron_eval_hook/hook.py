@@ -64,6 +64,7 @@ def install_hook(args: Any, config: EvalHookConfig | None = None) -> EvalHook | 
         return None
     _ACTIVE = EvalHook(config, args)
     _wrap_save_checkpoint()
+    _wrap_load_checkpoint()
     _wrap_training_log()
     return _ACTIVE
 
@@ -86,6 +87,26 @@ def _wrap_save_checkpoint() -> None:
 
         save_checkpoint.__wrapped_by_eval_hook__ = True  # type: ignore[attr-defined]
         module.save_checkpoint = save_checkpoint
+
+
+def _wrap_load_checkpoint() -> None:
+    """After Megatron's training loop loaded a checkpoint (a restarted job), before iteration 1, the placement may
+    evaluate what that save lacks."""
+    import megatron.training.training as training
+
+    original = training.load_checkpoint
+    if getattr(original, "__wrapped_by_eval_hook__", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        if _ACTIVE is not None:
+            _ACTIVE.after_load(int(result[0]), model)
+        return result
+
+    load_checkpoint.__wrapped_by_eval_hook__ = True  # type: ignore[attr-defined]
+    training.load_checkpoint = load_checkpoint
 
 
 def _wrap_training_log() -> None:
@@ -126,8 +147,6 @@ class EvalHook:
         self.evaluating_rank = self.world_size - 1  # Megatron's W&B rank
         self._check_schedule(args)
         max_sequence_length = self._context_window(args)
-        if self.is_evaluating_rank:
-            self._claim_run(args)
         try:
             benchmarks = resolve_benchmarks(config.benchmarks, config.presets)
         except ValueError as error:
@@ -148,7 +167,10 @@ class EvalHook:
             )
         except LedgerUnusable as error:
             raise self._ledger_refused(error) from error
+        if self.is_evaluating_rank:
+            self._claim_run(args)
         self._evaluated: set[int] = set()
+        self._loaded = False  # whether the checkpoint a restarted job resumes from was looked at
         if self.is_evaluating_rank:
             logger.info(
                 "installed: run %r, benchmarks %s, schedule %s, ledger %s",
@@ -238,6 +260,18 @@ class EvalHook:
             self._guarded(self.placement.at_save, event, model)
         if event.final or event.exiting:
             self._guarded(self.placement.at_end, event.exiting)
+
+    def after_load(self, iteration: int, model: Any) -> None:
+        """Called on every rank after Megatron loaded the checkpoint of `iteration` to resume training from it
+        (the first load of the job only; none for a fresh start or --finetune, which start at 0)."""
+        if self._loaded or iteration <= 0 or not self.config.resume.evaluate_missing:
+            return
+        self._loaded = True
+        final = is_last_save(self.args, iteration)
+        if not self.config.schedule.selects(iteration, final):
+            return
+        self._evaluated.add(iteration)
+        self._guarded(self.placement.at_load, SaveEvent(iteration, final, tokens_seen(self.args)), model)
 
     def after_log(self) -> None:
         """Called on every rank after each of Megatron's `training_log` calls."""

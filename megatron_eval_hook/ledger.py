@@ -282,6 +282,16 @@ class Ledger:
             )
             return cursor.rowcount
 
+    def failed_attempts(self, run: str, iteration: int) -> dict[str, int]:
+        """For each benchmark of `run` at `iteration`, how many of its attempts failed."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT benchmark, COUNT(*) FROM evaluations WHERE run = ? AND iteration = ? AND status = 'failed'"
+                " GROUP BY benchmark",
+                (run, iteration),
+            ).fetchall()
+        return dict(rows)
+
     def ok_benchmarks(self, run: str) -> dict[int, set[str]]:
         """For each iteration of `run`, the benchmarks with an `ok` evaluation."""
         with self._connect() as db:

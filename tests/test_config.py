@@ -78,6 +78,7 @@ def test_the_async_placement_takes_its_device_queue_and_timeouts():
         ("eval_device=gpu7", "eval_device"),
         ("max_pending=0", "max_pending"),
         ("pending_policy=oldest", "pending_policy"),
+        ("resume.max_attempts=0", "resume.max_attempts"),
         ("eval_timeout_s=0", "eval_timeout_s"),
         ("finish_timeout_s=-1", "finish_timeout_s"),
     ],

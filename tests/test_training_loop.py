@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
+from pathlib import Path
 
 import pytest
-from training_runs import FACTS, REPO, assert_exports_equal_the_checkpoints, ok, train, training_loss
+from training_runs import (
+    FACTS,
+    REPO,
+    LiveTraining,
+    assert_exports_equal_the_checkpoints,
+    ok,
+    train,
+    training_loss,
+)
 from wandb_offline import read_run, run_files, series
 
 from megatron_eval_hook.ledger import Ledger
@@ -209,3 +219,39 @@ def test_under_the_async_placement_a_failed_snapshot_or_sink_never_stops_trainin
     runs = [read_run(path) for path in run_files(tmp_path)]
     logged = [point for run in runs for point in series(run, "eval/facts/exact_match", x="eval/iteration")]
     assert sorted(i for i, _ in logged) == [2, 3]  # W&B failing on 2 lost nothing, and logged nothing twice
+
+
+def running_at(ledger: Path, iteration: int) -> bool:
+    """Whether an evaluation of `iteration` is in progress (its ledger rows opened, not closed)."""
+    if not ledger.is_file():
+        return False
+    query = "SELECT COUNT(*) FROM evaluations WHERE iteration = ? AND status = 'running'"
+    try:
+        with sqlite3.connect(ledger, timeout=5.0) as db:
+            return db.execute(query, (iteration,)).fetchone()[0] > 0
+    except sqlite3.OperationalError:  # the hook is creating it
+        return False
+
+
+def test_a_job_killed_during_an_evaluation_evaluates_that_save_when_resumed(demo_data, tmp_path):
+    """SIGKILL of torchrun's whole process tree while the save of iteration 2 is evaluated; the job restarted
+    from that checkpoint evaluates it before its first iteration: every save ends with one ok result per
+    benchmark, in the ledger and in W&B, without backfill."""
+    hook = [f"benchmarks=[boolq,'{FACTS}']"]
+    training = LiveTraining(tmp_path, demo_data, iterations=4, save_interval=2, hook=hook)
+    training.wait_for(lambda: running_at(tmp_path / "eval" / "ledger.sqlite", 2), "the evaluation of iteration 2")
+    training.kill_tree()
+    resumed = ok(train(tmp_path, demo_data, iterations=4, save_interval=2, hook=hook,
+                       extra=["--load", str(tmp_path / "checkpoints")]))  # fmt: skip
+    assert "iteration 2 (resumed from): evaluating ['boolq', 'facts']" in resumed.stdout
+
+    rows = Ledger(tmp_path / "eval" / "ledger.sqlite").results()
+    ok_rows = sorted((r["iteration"], r["benchmark"]) for r in rows if r["status"] == "ok")
+    assert ok_rows == [(2, "boolq"), (2, "facts"), (4, "boolq"), (4, "facts")]  # each once
+    interrupted = [r for r in rows if r["status"] == "failed"]
+    assert interrupted and all(r["iteration"] == 2 and "interrupted" in r["error"] for r in interrupted)
+    evaluated_first = resumed.stdout.index("iteration 2 (resumed from)")
+    assert evaluated_first < resumed.stdout.index("iteration        3/")  # before training went on
+    runs = [read_run(path) for path in run_files(tmp_path / "wandb")]
+    logged = [point for run in runs for point in series(run, "eval/facts/exact_match", x="eval/iteration")]
+    assert sorted(i for i, _ in logged) == [2, 4]

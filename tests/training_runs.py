@@ -112,6 +112,18 @@ class LiveTraining:
         """Pids of the eval processes started so far, in order (from the hook's log lines)."""
         return [int(pid) for pid in re.findall(r"eval process (\d+) ready", self.output)]
 
+    def kill_tree(self) -> None:
+        """SIGKILL torchrun and every process under it at once (its workers have process groups of their own)."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait()
+
     def finish(self, timeout: float = 600.0) -> str:
         """Wait for the end of training; return its output. Fails if training failed."""
         try:

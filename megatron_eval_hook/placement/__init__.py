@@ -1,5 +1,5 @@
 """Where an evaluation runs: in the training processes (`sync.py`) or in an eval process of its own
-(`async_eval.py`). The hook calls a placement at three moments, on every rank, and knows nothing else of it.
+(`async_eval.py`). The hook calls a placement at four moments, on every rank, and knows nothing else of it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ class Placement(Protocol):
         """Right after Megatron saved `event.iteration` and the schedule selected it; `model`: Megatron's list
         of model chunks, as training holds them. Training is in train mode and must continue exactly as if
         nothing had happened."""
+        ...
+
+    def at_load(self, event: SaveEvent, model: Any) -> None:
+        """Right after a job restarted from the checkpoint of `event.iteration` (a scheduled save) loaded it,
+        before iteration 1: `model` holds that save's weights. Evaluates what that save still lacks in the
+        ledger (`resume`), or says what it leaves to `megatron-eval backfill`."""
         ...
 
     def at_log(self) -> None:

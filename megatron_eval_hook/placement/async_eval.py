@@ -228,6 +228,17 @@ class AsyncPlacement:
         except Exception:  # an evaluation must never kill training
             logger.exception("snapshot at iteration %d failed", event.iteration)
 
+    def at_load(self, event: SaveEvent, model: Any) -> None:
+        """Say which benchmarks the save this job resumed from lacks: the async placement leaves them to
+        `megatron-eval backfill`, which evaluates them from that checkpoint."""
+        if not self.is_evaluating_rank:
+            return
+        done = self.ledger.ok_benchmarks(self.run).get(event.iteration, set())
+        missing = [name for name in self.benchmark_names if name not in done]
+        if missing:
+            logger.warning("iteration %d (resumed from) lacks results for %s: `megatron-eval backfill` evaluates "
+                           "them from its checkpoint", event.iteration, ", ".join(missing))  # fmt: skip
+
     def at_log(self) -> None:
         """Log a score that arrived (the last rank's main thread, between iterations)."""
         self.publish(at_most=1)

@@ -117,22 +117,38 @@ class SyncPlacement:
         """Every rank: evaluate the weights just saved, or skip them when the job is stopping on its exit
         signal (a preempted job must stop within its grace period: do not spend it here). The evaluating
         rank decides the skip; every rank learns it. Training waits, then goes on as it was."""
+        self._run(event, model, skip_reason=(
+            "the job received its exit signal (e.g. preemption) and is stopping; "
+            "evaluating now could outlast the grace period"
+            if self.evaluator is not None and event.exiting
+            else None
+        ), record_skip=True)  # fmt: skip
+
+    def at_load(self, event: SaveEvent, model: Any) -> None:
+        """Every rank, before iteration 1 of a restarted job: evaluate the benchmarks the save it resumed from
+        lacks an `ok` result for (killed, preempted, skipped on the exit signal, failed fewer than
+        `resume.max_attempts` times), on the weights just loaded. The evaluating rank decides; every rank
+        learns it."""
+        only = None
+        if self.evaluator is not None:
+            only = self.evaluator.missing(event.iteration, self.config.resume.max_attempts)
+            if only:
+                logger.info("iteration %d (resumed from): evaluating %s, which it lacks", event.iteration, only)
+        self._run(event, model, skip_reason=None if only or self.evaluator is None else "complete", only=only)
+
+    def _run(self, event: SaveEvent, model: Any, skip_reason: str | None, record_skip: bool = False,
+             only: list[str] | None = None) -> None:  # fmt: skip
         started = time.perf_counter()
         evaluated = False
         try:
-            reason = self._agree_on_skip(
-                "the job received its exit signal (e.g. preemption) and is stopping; "
-                "evaluating now could outlast the grace period"
-                if self.evaluator is not None and event.exiting
-                else None
-            )
+            reason = self._agree_on_skip(skip_reason)
             if reason is not None:
-                if self.evaluator is not None:
+                if self.evaluator is not None and record_skip:
                     self.evaluator.skip(event.iteration, event.tokens, reason)
             else:
                 evaluated = self.evaluator is not None
                 with preserved_training_state(model), sequence_parallel_off(model):
-                    self._evaluate(event, model)
+                    self._evaluate(event, model, only)
         except Exception:  # an evaluation must never kill training; the evaluator recorded the failure
             logger.exception("evaluation at iteration %d failed", event.iteration)
         if evaluated:
@@ -167,7 +183,7 @@ class SyncPlacement:
         torch.distributed.broadcast_object_list(said, src=layout.driver, group=layout.group)
         return said[0]
 
-    def _evaluate(self, event: SaveEvent, model: Any) -> None:
+    def _evaluate(self, event: SaveEvent, model: Any, only: list[str] | None = None) -> None:
         """Every rank: evaluate the weights of `model` (Megatron's model chunks) saved at `event.iteration`."""
         from megatron.training import get_tokenizer
 
@@ -185,10 +201,10 @@ class SyncPlacement:
             return unwrap_gpt_model(model), get_tokenizer()
 
         if layout is None:
-            self.evaluator.evaluate(event.iteration, event.tokens, model_and_tokenizer)
+            self.evaluator.evaluate(event.iteration, event.tokens, model_and_tokenizer, only=only)
             return
         with Session(layout) as session:
-            self.evaluator.evaluate(event.iteration, event.tokens, model_and_tokenizer, serve=session.start)
+            self.evaluator.evaluate(event.iteration, event.tokens, model_and_tokenizer, only=only, serve=session.start)
 
 
 def refuse_unsupported_layouts(args: Any, config: EvalHookConfig) -> None:
