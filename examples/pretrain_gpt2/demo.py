@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+
+# Megatron's imports warn that Transformer Engine and Apex are absent, as they are on every CPU machine.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -52,6 +57,11 @@ LLAMA_ARGS = [
     "--lr", "1e-3", "--min-lr", "1e-4",
 ]  # fmt: skip
 SAVE_INTERVAL = {"gpt2": 25, "llama": 10}
+
+# The lines of the training job shown on the console (all of them go to <out>/train.log): Megatron's
+# iteration lines (shortened to the iteration and the loss) and checkpoint lines, and the hook's.
+SHOWN = re.compile(r"saving checkpoint at iteration|^\[eval-hook\]")
+ITERATION = re.compile(r"\] iteration +(\d+)/ *(\d+) \|.*\| lm loss: ([0-9.E+-]+)")
 TRAINING_ARGS = [
     "--micro-batch-size", "16", "--global-batch-size", "16",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine", "--lr-warmup-iters", "20",
@@ -83,7 +93,24 @@ def train(out: Path, data, iterations: int, save_interval: int, overrides: list[
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
     }
     # GPT2BPETokenizer resolves the name "gpt2" from the working directory (see demo_data.py).
-    subprocess.run(command, check=True, cwd=data.root, env=env)
+    log = out / "train.log"
+    print(f"training: Megatron's and the hook's whole output goes to {log}; here, the lines that tell the story")
+    with open(log, "w") as whole:
+        process = subprocess.Popen(
+            command, cwd=data.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            whole.write(line)
+            step = ITERATION.search(line)
+            if step:
+                print(f"iteration {step[1]:>4}/{step[2]}  lm loss {float(step[3]):.3f}", flush=True)
+            elif SHOWN.search(line):
+                print(line.rstrip(), flush=True)
+    if process.wait() != 0:
+        tail = log.read_text().splitlines()[-60:]
+        print("\n".join(["", f"training failed (exit status {process.returncode}); the end of {log}:", *tail]))
+        raise SystemExit(process.returncode)
 
 
 def score_table(rows: list[dict]) -> tuple[list[str], dict[int, dict[str, str]]]:

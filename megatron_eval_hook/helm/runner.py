@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
@@ -171,6 +172,9 @@ class HelmSuite:
         # training log readable (HELM's own outputs stay on disk).
         logging.getLogger("helm").setLevel(logging.WARNING)
         logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score: three lines per generation request
+        # NLTK's BLEU warns, five lines each time, about every answer that shares no 2-, 3- or 4-gram with its
+        # reference (most of a small model's): the score is 0 as HELM means it; nothing for the user to act on
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"nltk\.translate\.bleu_score")
         ensure_punkt_tab(self.helm_dir / "nltk_data")
         from megatron_eval_hook.helm.warm import Reuse
 
