@@ -115,3 +115,32 @@ def test_a_ledger_from_before_deliveries_counts_its_scores_as_received(tmp_path)
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE deliveries")  # as the ledger was
     assert Deliveries([Unreachable(None, failures=0)], Ledger(path), "run", log_all_metrics=False).pending == 0
+
+
+def test_scores_count_as_received_by_wandb_once_it_closed_their_row(tmp_path):
+    """The save's scores go into Megatron's row of that iteration, which W&B holds open until a later step is
+    logged (a job killed meanwhile loses it): the ledger counts them as received only then, or at the end."""
+    import wandb
+
+    from megatron_eval_hook.ledger import Ledger
+    from megatron_eval_hook.sinks import Deliveries
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    run = wandb.init(project="p", dir=str(tmp_path))  # Megatron's run, the active one
+    try:
+        sink = WandbSink(WandbConfig(), run_name="run", default_dir=tmp_path, default_project="p")
+        deliveries = Deliveries([sink], ledger, "run", log_all_metrics=False)
+        for iteration in (5, 6):
+            run.log({"lm loss": 1.0 / iteration}, step=iteration)
+            ok_evaluation(ledger, "run", iteration, iteration / 10)
+            deliveries.send(iteration, {"eval/boolq/qem": iteration / 10})
+            deliveries.deliver(1)  # after the training log step of the same iteration: the row is still open
+            unwritten = {r["iteration"] for r in ledger.undelivered("run", "wandb", ledger.last_evaluation_id())}
+            assert unwritten == {iteration}  # the one before was closed by this step's row
+        deliveries.flush()  # the end of training: no later step will come
+        assert ledger.undelivered("run", "wandb", ledger.last_evaluation_id()) == []
+    finally:
+        run.finish()
+    wandb.teardown()
+    (path,) = run_files(tmp_path)
+    assert series(read_run(path), "eval/boolq/qem", x="eval/iteration") == [(5, 0.5), (6, 0.6)]

@@ -59,11 +59,17 @@ class Deliveries:
     iteration (the W&B sink plots against eval/iteration). While training runs they go at most one row per
     training step (`deliver`, after each of Megatron's log steps: W&B drops a row whose step is behind the last
     one), the rest at the end (`flush`). Sinks without a `name` (the eval process's pipe to the training process)
-    are sent to and not tracked."""
+    are sent to and not tracked.
+
+    A sink that writes a row later than its `log` returns (W&B closes a row when a later step comes; it has
+    `committed(step)`) counts as having received it once it says the row is written, checked at each training
+    step; at the end of training (`flush`) as soon as it was logged, since no later step comes (W&B writes the
+    open row when the run finishes)."""
 
     def __init__(self, sinks: list[Any], ledger: Any, run: str, log_all_metrics: bool):
         self.sinks, self.ledger, self.run = sinks, ledger, run
         self._pending: deque[tuple[int, dict[str, float], list[Any]]] = deque()
+        self._unwritten: list[tuple[Any, int, set[str], int]] = []  # (sink, iteration, benchmarks, its step)
         earlier = ledger.last_evaluation_id()  # what this process evaluates from now on is sent as it comes
         for sink in self._tracked(sinks):
             rows: dict[int, dict[str, float]] = {}
@@ -86,12 +92,14 @@ class Deliveries:
 
     def send(self, iteration: int, values: dict[str, float]) -> None:
         """Log the scores of the evaluation of `iteration` to every sink now; keep them for a sink that fails."""
+        self._settle()
         failed = [sink for sink in self.sinks if not self._log(sink, iteration, values)]
         if failed:
             self._pending.append((iteration, values, failed))
 
     def deliver(self, at_most: int = 1) -> None:
         """Log up to `at_most` waiting rows; stop at the first that still fails (its sink is down)."""
+        self._settle()
         for _ in range(min(at_most, len(self._pending))):
             iteration, values, sinks = self._pending.popleft()
             failed = [sink for sink in sinks if not self._log(sink, iteration, values)]
@@ -102,6 +110,20 @@ class Deliveries:
     def flush(self) -> None:
         """Log every waiting row (training is over: no step to keep pace with)."""
         self.deliver(len(self._pending))
+        self._settle(final=True)
+
+    def _settle(self, final: bool = False) -> None:
+        """Record as received the rows their sink has written by now (all of them when `final`)."""
+        waiting, self._unwritten = self._unwritten, []
+        for sink, iteration, benchmarks, step in waiting:
+            try:
+                written = final or sink.committed(step)
+            except Exception:  # it cannot say (e.g. a W&B run in shared mode): counted as received when logged
+                written = True
+            if written:
+                self._mark(sink, iteration, benchmarks)
+            else:
+                self._unwritten.append((sink, iteration, benchmarks, step))
 
     def _log(self, sink: Any, iteration: int, values: dict[str, float]) -> bool:
         try:
@@ -110,10 +132,17 @@ class Deliveries:
             logger.exception("%s failed at iteration %d; its scores are logged again later", type(sink).__name__,
                              iteration)  # fmt: skip
             return False
-        if getattr(sink, "name", None):
-            try:
-                self.ledger.mark_delivered(self.run, iteration, benchmarks_in(values), sink.name)
-            except Exception as error:  # logged, not recorded: at worst logged once more by a later process
-                logger.error("the ledger cannot record what %s received: %s: %s", sink.name, type(error).__name__,
-                             error)  # fmt: skip
+        if not getattr(sink, "name", None):
+            return True
+        if hasattr(sink, "committed") and sink.last_step is not None:
+            self._unwritten.append((sink, iteration, benchmarks_in(values), sink.last_step))
+        else:
+            self._mark(sink, iteration, benchmarks_in(values))
         return True
+
+    def _mark(self, sink: Any, iteration: int, benchmarks: set[str]) -> None:
+        try:
+            self.ledger.mark_delivered(self.run, iteration, benchmarks, sink.name)
+        except Exception as error:  # logged, not recorded: at worst logged once more by a later process
+            logger.error("the ledger cannot record what %s received: %s: %s", sink.name, type(error).__name__,
+                         error)  # fmt: skip

@@ -120,6 +120,17 @@ class WandbSink:
         run.log({STEP_KEY: iteration, **values}, step=step)
         self._last_step = step
 
+    @property
+    def last_step(self) -> int | None:
+        """The W&B step of the latest row logged here."""
+        return self._last_step
+
+    def committed(self, step: int) -> bool:
+        """Whether W&B has written the row of `step`. W&B holds a row open until a later step is logged (more keys
+        may come for it): a process killed before then loses it. `run.step` asks W&B's own process, whose step
+        has passed `step` once it closed that row."""
+        return self._attach().step > step
+
     def close(self) -> None:
         if self._own_run and self._run is not None:
             self._run.finish()
