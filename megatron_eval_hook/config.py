@@ -42,10 +42,10 @@ class ScheduleConfig:
 
 @dataclass
 class ResumeConfig:
-    """What a job restarted from a checkpoint (--load) does about the save it resumes from."""
+    """What a job restarted from a checkpoint of its --save folder does about the saves that lack results."""
 
-    evaluate_missing: bool = True  # evaluate, before iteration 1, the benchmarks that save lacks an ok result for
-    max_attempts: int = 3  # a benchmark that failed this often at that save is not tried again
+    evaluate_missing: bool = True  # evaluate, from their checkpoints, what that save and the earlier ones lack
+    max_attempts: int = 3  # a benchmark that failed this often at a save is not tried again there
 
 
 @dataclass

@@ -112,9 +112,7 @@ class Evaluator:
 
     def missing(self, iteration: int, max_attempts: int) -> list[str]:
         """The benchmarks without an `ok` result at `iteration` that failed there fewer than `max_attempts` times."""
-        done = self.ledger.ok_benchmarks(self.run).get(iteration, set())
-        failed = self.ledger.failed_attempts(self.run, iteration)
-        return [name for name in self.benchmark_names if name not in done and failed.get(name, 0) < max_attempts]
+        return self.ledger.lacking(self.run, iteration, self.benchmark_names, max_attempts)
 
     def evaluate(
         self,
@@ -195,6 +193,12 @@ class Evaluator:
             logger.warning("export_hf of iteration %d failed, the benchmarks run anyway: %s: %s",
                            iteration, type(error).__name__, error)  # fmt: skip
         self._export_s = time.perf_counter() - started
+
+    def fail(self, iteration: int, tokens: int | None, reason: str, only: Collection[str]) -> None:
+        """Record the benchmarks named in `only` as failed at `iteration` before they began, with `reason`."""
+        for name in only:
+            self.ledger.record_failed(self.run, iteration, name, reason, placement=self.placement, tokens=tokens)
+        logger.warning("iteration %d: not evaluated: %s", iteration, reason)
 
     def skip(self, iteration: int, tokens: int | None, reason: str) -> None:
         """Record every benchmark of the save at `iteration` as skipped, with `reason`."""

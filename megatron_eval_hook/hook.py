@@ -2,7 +2,7 @@
 
 Megatron has no callback API. Its training loop calls `save_checkpoint` through the name it
 imported into `megatron.training.training`, and ADLR autoresume through the one in
-`megatron.training.checkpointing`; `install_hook` wraps both, and `training_log`. The wrappers fire
+`megatron.training.checkpointing`; `install_hook` wraps both, `load_checkpoint` and `training_log`. The wrappers fire
 on every rank; the hook decides which saves the schedule selects and hands each to the placement
 (`placement/__init__.py`): at a selected save, after each training log step, and at the end of
 training (the run's last save, at --train-iters, after `train` returns when off the save grid, or at
@@ -15,7 +15,14 @@ parallelism), the requests split across the data-parallel replicas; training wai
 Async placement (`placement/async_eval.py`): every rank copies its shards of the weights into host
 memory and goes on; the scores that arrive are logged between iterations. The end of training lets
 the pending evaluations finish; a job stopping on its exit signal or --exit-duration-in-mins records
-them as not done (`megatron-eval backfill` evaluates them later)."""
+them as not done.
+
+Restarted jobs (`resume`): before Megatron loads the checkpoint a job resumes from, the earlier scheduled
+saves of its --save folder that the ledger lacks results for are evaluated from their checkpoints, and so is
+the one resumed from, after it is loaded: before iteration 1 under the sync placement, in the eval process
+while training runs under the async one. So every scheduled save ends with one `ok` result per benchmark
+without `megatron-eval backfill`, whatever stopped a job (a kill, preemption, a failure with a transient
+cause; a benchmark that failed `resume.max_attempts` times is left alone)."""
 
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from megatron_eval_hook.checkpoints import is_last_save, tokens_seen
+from megatron_eval_hook.checkpoints import complete_iterations, is_last_save, tokens_seen, tracker_iteration
 from megatron_eval_hook.config import (
     ConfigError,
     EvalHookConfig,
@@ -100,6 +107,8 @@ def _wrap_load_checkpoint() -> None:
 
     @functools.wraps(original)
     def load_checkpoint(model, *args, **kwargs):
+        if _ACTIVE is not None:
+            _ACTIVE.before_load(model, functools.partial(_load_weights_only, original, model, kwargs))
         result = original(model, *args, **kwargs)
         if _ACTIVE is not None:
             _ACTIVE.after_load(int(result[0]), model)
@@ -107,6 +116,21 @@ def _wrap_load_checkpoint() -> None:
 
     load_checkpoint.__wrapped_by_eval_hook__ = True  # type: ignore[attr-defined]
     training.load_checkpoint = load_checkpoint
+
+
+def _load_weights_only(load_checkpoint, model: Any, kwargs: dict[str, Any], iteration: int) -> None:
+    """Megatron's `load_checkpoint` of the save of `iteration` into `model`: its weights only (no optimizer,
+    scheduler or RNG state), every argument it reads put back as it was. Collective on every rank."""
+    from megatron.training import get_args
+
+    args = get_args()
+    kept = {name: getattr(args, name, None) for name in ("ckpt_step", "no_load_optim", "no_load_rng")}
+    args.ckpt_step, args.no_load_optim, args.no_load_rng = iteration, True, True
+    try:
+        load_checkpoint(model, None, None, **kwargs)
+    finally:
+        for name, value in kept.items():
+            setattr(args, name, value)
 
 
 def _wrap_training_log() -> None:
@@ -171,6 +195,7 @@ class EvalHook:
             self._claim_run(args)
         self._evaluated: set[int] = set()
         self._loaded = False  # whether the checkpoint a restarted job resumes from was looked at
+        self._reconciled = False  # whether the saves before that one were
         if self.is_evaluating_rank:
             logger.info(
                 "installed: run %r, benchmarks %s, schedule %s, ledger %s",
@@ -260,6 +285,30 @@ class EvalHook:
             self._guarded(self.placement.at_save, event, model)
         if event.final or event.exiting:
             self._guarded(self.placement.at_end, event.exiting)
+
+    def before_load(self, model: Any, load: Any) -> None:
+        """Called on every rank before Megatron loads the checkpoint a restarted job resumes from: the earlier
+        scheduled saves of the run's folder that the ledger lacks results for are evaluated first (`resume`)."""
+        if self._reconciled or not self.config.resume.evaluate_missing:
+            return
+        self._reconciled = True
+        earlier = self._earlier_saves()
+        if earlier:
+            self._guarded(self.placement.before_load, earlier, load, model)
+
+    def _earlier_saves(self) -> list[int]:
+        """The complete, scheduled saves of --save before the one this job resumes from (none for a fresh start,
+        --finetune, or a --load folder other than --save, whose saves are another run's)."""
+        args = self.args
+        if getattr(args, "finetune", False) or not getattr(args, "load", None):
+            return []
+        if Path(args.load).resolve() != Path(args.save).resolve():
+            return []
+        resumed = getattr(args, "ckpt_step", None) or tracker_iteration(args.load)
+        if not resumed:
+            return []
+        schedule = self.config.schedule
+        return [i for i in complete_iterations(args.save) if i < resumed and schedule.selects(i, is_last_save(args, i))]
 
     def after_load(self, iteration: int, model: Any) -> None:
         """Called on every rank after Megatron loaded the checkpoint of `iteration` to resume training from it

@@ -292,6 +292,13 @@ class Ledger:
             ).fetchall()
         return dict(rows)
 
+    def lacking(self, run: str, iteration: int, benchmarks: list[str], max_attempts: int) -> list[str]:
+        """Of `benchmarks`, those without an `ok` result of `run` at `iteration` that failed there fewer than
+        `max_attempts` times (a save that fails for a permanent cause is not retried forever)."""
+        done = self.ok_benchmarks(run).get(iteration, set())
+        failed = self.failed_attempts(run, iteration)
+        return [name for name in benchmarks if name not in done and failed.get(name, 0) < max_attempts]
+
     def ok_benchmarks(self, run: str) -> dict[int, set[str]]:
         """For each iteration of `run`, the benchmarks with an `ok` evaluation."""
         with self._connect() as db:

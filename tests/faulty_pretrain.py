@@ -5,6 +5,7 @@
 At the save of iteration N, the call site named for N raises as it would when that part breaks:
 - `ledger`: every ledger write of the save path (blocked time, closing the attempt), as on a full disk;
 - `wandb`, `tensorboard`: the sink's `log`;
+- `wandb-hangs`: the W&B sink's `log` never returns (the scores are in the ledger, not in W&B: a kill then);
 - `helm`: HELM's run of a benchmark;
 - `engine`: the engine's scoring and generation;
 - `snapshot`: the async placement's copy of the last rank's weights into host memory.
@@ -19,6 +20,7 @@ import os
 import runpy
 import sqlite3
 import sys
+import time
 from pathlib import Path
 
 from megatron_eval_hook import cpu_shims
@@ -50,6 +52,15 @@ def failing(site: str, method, error: Exception):
     return call
 
 
+def hanging(site: str, method):
+    def call(*args, **kwargs):
+        while FAULTS.get(SAVING[0]) == site:
+            time.sleep(1.0)
+        return method(*args, **kwargs)
+
+    return call
+
+
 def saving(after_save):
     def call(self, iteration, *args, **kwargs):
         SAVING[0] = iteration
@@ -61,7 +72,7 @@ def saving(after_save):
 full = sqlite3.OperationalError("database or disk is full")
 for name in ("set_blocked", "finish_ok", "finish_failed"):
     setattr(Ledger, name, failing("ledger", getattr(Ledger, name), full))
-WandbSink.log = failing("wandb", WandbSink.log, ConnectionError("injected: W&B unreachable"))
+WandbSink.log = hanging("wandb-hangs", failing("wandb", WandbSink.log, ConnectionError("injected: W&B unreachable")))
 TensorBoardSink.log = failing("tensorboard", TensorBoardSink.log, OSError(28, "injected: No space left on device"))
 HelmSuite._run = failing("helm", HelmSuite._run, RuntimeError("injected: HELM failed"))
 Engine.score = failing("engine", Engine.score, RuntimeError("injected: the engine failed"))

@@ -255,3 +255,87 @@ def test_a_job_killed_during_an_evaluation_evaluates_that_save_when_resumed(demo
     runs = [read_run(path) for path in run_files(tmp_path / "wandb")]
     logged = [point for run in runs for point in series(run, "eval/facts/exact_match", x="eval/iteration")]
     assert sorted(i for i, _ in logged) == [2, 4]
+
+
+def resume(tmp: Path) -> list[str]:
+    """Megatron's arguments to resume from `tmp/checkpoints`, to a later --train-iters than the first job's."""
+    return ["--load", str(tmp / "checkpoints"), "--override-opt-param-scheduler"]
+
+
+def ok_rows(ledger: Path) -> list[tuple[int, str]]:
+    return sorted((r["iteration"], r["benchmark"]) for r in Ledger(ledger).results() if r["status"] == "ok")
+
+
+def logged_iterations(folder: Path, key: str = "eval/facts/exact_match") -> list[int]:
+    """The iterations at which the offline W&B runs under `folder` hold `key`, once per point logged."""
+    runs = [read_run(path) for path in run_files(folder)]
+    return sorted(i for run in runs for i, _ in series(run, key, x="eval/iteration"))
+
+
+def test_a_restarted_job_evaluates_each_earlier_save_that_lacks_results_before_iteration_1(demo_data, tmp_path):
+    """Saves 1 and 2 failed (HELM, the engine); the job restarted from 3 reads each into the training model with
+    Megatron's loading and evaluates it before iteration 4, then goes on from 3 exactly as a job without the
+    hook does."""
+    faulty_run(tmp_path, demo_data, {"helm": 1, "engine": 2}, 3)
+    plain = tmp_path / "plain"
+    shutil.copytree(tmp_path / "checkpoints", plain / "checkpoints")
+    resumed = ok(train(tmp_path, demo_data, iterations=4, save_interval=1, hook=[f"benchmarks=['{FACTS}']"],
+                       extra=resume(tmp_path)))  # fmt: skip
+
+    assert "resuming: 2 earlier save(s) lack results (iterations [1, 2])" in resumed.stdout
+    assert ok_rows(tmp_path / "eval" / "ledger.sqlite") == [(1, "facts"), (2, "facts"), (3, "facts"), (4, "facts")]
+    for iteration in (1, 2):
+        line = f"[eval-hook] iteration {iteration}: facts "
+        assert resumed.stdout.index(line) < resumed.stdout.index("iteration        4/")
+    assert logged_iterations(tmp_path / "wandb") == [1, 2, 3, 4]  # each score once
+
+    ok(
+        train(
+            plain,
+            demo_data,
+            iterations=4,
+            save_interval=1,
+            extra=resume(plain),
+        )
+    )
+    runs = [read_run(path) for path in run_files(tmp_path / "wandb")]
+    (resumed_loss,) = [series(run, "lm loss") for run in runs if [s for s, _ in series(run, "lm loss")] == [4]]
+    assert resumed_loss == training_loss(plain)  # the earlier saves' weights left nothing behind
+
+
+@pytest.mark.parametrize("placement", ["sync", "async"])
+def test_a_job_killed_right_after_an_evaluation_neither_repeats_nor_loses_it(demo_data, tmp_path, placement):
+    """SIGKILL of the whole job once the ledger holds the save of 2 as ok, while its scores are on their way to
+    W&B (the W&B sink hangs): the restarted job does not evaluate it again, and logs its score into W&B, once."""
+    hook = [f"benchmarks=['{FACTS}']", f"placement={placement}"]
+    ledger = tmp_path / "eval" / "ledger.sqlite"
+    training = LiveTraining(tmp_path, demo_data, iterations=4, save_interval=2, hook=hook,
+                            script=REPO / "tests" / "faulty_pretrain.py",
+                            environment={"EVAL_HOOK_FAULTS": "wandb-hangs@2"})  # fmt: skip
+    training.wait_for(lambda: ledger.is_file() and (2, "facts") in ok_rows(ledger), "the evaluation of iteration 2")
+    training.kill_tree()
+    resumed = ok(train(tmp_path, demo_data, iterations=4, save_interval=2, hook=hook,
+                       extra=resume(tmp_path)))  # fmt: skip
+    assert "lack" not in resumed.stdout
+    assert ok_rows(ledger) == [(2, "facts"), (4, "facts")]
+    assert logged_iterations(tmp_path / "wandb") == [2, 4]
+
+
+def test_under_async_a_killed_jobs_saves_are_evaluated_from_their_checkpoints_in_the_eval_process(demo_data, tmp_path):
+    """The snapshot of 1 failed; the job is killed while its eval process evaluates 2. The restarted job hands
+    every save that lacks results to its eval process, which reads them from disk while training goes on."""
+    hook = [f"benchmarks=['{FACTS}']", "placement=async", "pending_policy=all"]
+    ledger = tmp_path / "eval" / "ledger.sqlite"
+    training = LiveTraining(tmp_path, demo_data, iterations=3, save_interval=1, hook=hook,
+                            script=REPO / "tests" / "faulty_pretrain.py",
+                            environment={"EVAL_HOOK_FAULTS": "snapshot@1"})  # fmt: skip
+    training.wait_for(lambda: running_at(ledger, 2), "the evaluation of iteration 2")
+    training.kill_tree()
+    resumed = ok(train(tmp_path, demo_data, iterations=4, save_interval=1, hook=hook,
+                       extra=resume(tmp_path)))  # fmt: skip
+
+    assert "(saved before the one resumed from): ['facts'], which it lacks, evaluated from its checkpoint" in (
+        resumed.stdout
+    )
+    assert ok_rows(ledger) == [(1, "facts"), (2, "facts"), (3, "facts"), (4, "facts")]
+    assert logged_iterations(tmp_path / "wandb") == [1, 2, 3, 4]

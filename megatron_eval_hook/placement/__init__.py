@@ -1,9 +1,10 @@
 """Where an evaluation runs: in the training processes (`sync.py`) or in an eval process of its own
-(`async_eval.py`). The hook calls a placement at four moments, on every rank, and knows nothing else of it.
+(`async_eval.py`). The hook calls a placement at five moments, on every rank, and knows nothing else of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,10 +34,18 @@ class Placement(Protocol):
         nothing had happened."""
         ...
 
+    def before_load(self, iterations: list[int], load: Callable[[int], None], model: Any) -> None:
+        """Before a restarted job loads the checkpoint it resumes from: `iterations` are the scheduled saves
+        before that one whose checkpoints are complete in the run's --save folder. Evaluates what each still
+        lacks in the ledger (`resume`): the sync placement reads each into `model` with `load(iteration)`
+        (Megatron's own loading, collective on every rank) and evaluates it there; the async placement has its
+        eval process read them from disk. The checkpoint resumed from is loaded afterwards, over them."""
+        ...
+
     def at_load(self, event: SaveEvent, model: Any) -> None:
         """Right after a job restarted from the checkpoint of `event.iteration` (a scheduled save) loaded it,
         before iteration 1: `model` holds that save's weights. Evaluates what that save still lacks in the
-        ledger (`resume`), or says what it leaves to `megatron-eval backfill`."""
+        ledger (`resume`)."""
         ...
 
     def at_log(self) -> None:

@@ -12,6 +12,10 @@ started once at install, outside the `torch.distributed` world of training), wat
 The scores come back to the last rank, whose main thread logs them to W&B and TensorBoard
 between training iterations and at the end of training, where pending evaluations may take up
 to `finish_timeout_s` more.
+
+A restarted job's saves that lack results (the one it resumes from, and the earlier ones of its
+--save folder) go to the eval process before any new snapshot: it reads their weights from their
+checkpoints, while training runs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 
 import megatron_eval_hook
+from megatron_eval_hook.checkpoints import CheckpointError, iteration_folder, read_args, tokens_seen
 from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.ledger import Ledger
@@ -58,8 +63,10 @@ class Snapshot:
 
     iteration: int
     tokens: int | None
-    blocked_s: float = 0.0
+    blocked_s: float | None = 0.0
     broken: str | None = None  # why this rank's shards could not be copied: never evaluated
+    folder: str | None = None  # a save of an earlier job, evaluated from its checkpoint: no slot
+    only: list[str] | None = None  # the benchmarks it lacks (None: all)
 
 
 class EvalProcess:
@@ -111,8 +118,12 @@ class EvalProcess:
             return None
         return self.connection.recv()
 
-    def submit(self, job: Job, slot: Slot, shards: list[Shard]) -> None:
+    def submit(self, job: Job, slot: Slot | None, shards: list[Shard]) -> None:
+        """Send `job`, and before it what the process needs to read its slot (none for a checkpoint on disk)."""
         assert self.connection is not None
+        if slot is None:
+            self.connection.send(("evaluate", job))
+            return
         if not self._has_shards:
             self.connection.send(("shards", shards))
             self._has_shards = True
@@ -207,6 +218,9 @@ class AsyncPlacement:
         self._own_base = 0
         self._to_receive: queue.SimpleQueue = queue.SimpleQueue()
         self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._from_disk: queue.SimpleQueue = queue.SimpleQueue()  # earlier saves a restarted job found lacking
+        self.save_dir = Path(megatron_args.save)
+        self.max_attempts = config.resume.max_attempts
         self._in_flight: Snapshot | None = None
         self._begun = False  # whether the eval process opened the ledger rows of the evaluation in flight
         self._abort: str | None = None  # why the evaluation in flight is to be stopped
@@ -228,16 +242,34 @@ class AsyncPlacement:
         except Exception:  # an evaluation must never kill training
             logger.exception("snapshot at iteration %d failed", event.iteration)
 
+    def before_load(self, iterations: list[int], load: Any, model: Any) -> None:
+        """The last rank, before a restarted job loads the save it resumes from: the earlier saves in `iterations`
+        that lack results go to the eval process, which reads them from their checkpoints while training runs."""
+        if self.is_evaluating_rank:
+            for iteration in iterations:
+                self._from_checkpoint(iteration, "saved before the one resumed from")
+
     def at_load(self, event: SaveEvent, model: Any) -> None:
-        """Say which benchmarks the save this job resumed from lacks: the async placement leaves them to
-        `megatron-eval backfill`, which evaluates them from that checkpoint."""
-        if not self.is_evaluating_rank:
+        """The last rank: the save this job resumed from, if it lacks results, goes to the eval process, which
+        reads it from its checkpoint while training runs."""
+        if self.is_evaluating_rank:
+            self._from_checkpoint(event.iteration, "resumed from", event.tokens)
+
+    def _from_checkpoint(self, iteration: int, which: str, tokens: int | None = None) -> None:
+        """Queue the save of `iteration` for the eval process, from its checkpoint, with the benchmarks it lacks
+        (those failed `resume.max_attempts` times are not retried)."""
+        only = self.ledger.lacking(self.run, iteration, self.benchmark_names, self.max_attempts)
+        if not only:
             return
-        done = self.ledger.ok_benchmarks(self.run).get(event.iteration, set())
-        missing = [name for name in self.benchmark_names if name not in done]
-        if missing:
-            logger.warning("iteration %d (resumed from) lacks results for %s: `megatron-eval backfill` evaluates "
-                           "them from its checkpoint", event.iteration, ", ".join(missing))  # fmt: skip
+        folder = iteration_folder(self.save_dir, iteration)
+        if tokens is None:
+            try:
+                tokens = tokens_seen(read_args(folder))
+            except CheckpointError:
+                pass  # reading its weights fails too, and is recorded with the reason
+        self._from_disk.put(Snapshot(iteration, tokens, blocked_s=None, folder=str(folder), only=only))
+        logger.info("iteration %d (%s): %s, which it lacks, evaluated from its checkpoint in the eval process",
+                    iteration, which, only)  # fmt: skip
 
     def at_log(self) -> None:
         """Log a score that arrived (the last rank's main thread, between iterations)."""
@@ -362,12 +394,26 @@ class AsyncPlacement:
 
     # --- the eval process, watched from the manager thread of the last rank ---
 
+    def _next(self) -> tuple[Slot | None, Snapshot] | None:
+        """The next save to evaluate: a checkpoint on disk first (no slot), else the oldest complete snapshot;
+        None once the queue is closed."""
+        while True:
+            try:
+                return None, self._from_disk.get_nowait()
+            except queue.Empty:
+                pass
+            slot = self.slots.next(timeout=0.5)
+            if slot is not None:
+                return slot, slot.job
+            if self.slots.closed:
+                return None
+
     def _manage(self) -> None:
         while True:
-            slot = self.slots.next()
-            if slot is None:
+            taken = self._next()
+            if taken is None:
                 return  # closed
-            snapshot = slot.job
+            slot, snapshot = taken
             self._in_flight, self._begun = snapshot, False
             try:
                 if self._skipping is not None:
@@ -378,17 +424,19 @@ class AsyncPlacement:
                 logger.exception("async evaluation of iteration %d failed", snapshot.iteration)
                 self._fail(snapshot, f"{type(error).__name__}: {error}", begun=self._begun)
             finally:
-                self.slots.release(slot, snapshot)
+                if slot is not None:
+                    self.slots.release(slot, snapshot)
                 self._in_flight = None
 
-    def _evaluate(self, slot: Slot, snapshot: Snapshot) -> None:
+    def _evaluate(self, slot: Slot | None, snapshot: Snapshot) -> None:
         if not self.process.alive:
             try:
                 self.process.start()
             except ConfigError as error:
                 self._fail(snapshot, f"the eval process could not be restarted: {error}", begun=False)
                 return
-        job = Job(snapshot.iteration, snapshot.tokens, snapshot.blocked_s, slot.index)
+        index = None if slot is None else slot.index
+        job = Job(snapshot.iteration, snapshot.tokens, snapshot.blocked_s, index, snapshot.folder, snapshot.only)
         self.process.submit(job, slot, self._shards)
         deadline = time.monotonic() + self.config.eval_timeout_s
         while True:
@@ -421,7 +469,7 @@ class AsyncPlacement:
             kind = message[0]
             if kind == "begun":
                 self._begun = True  # the eval process opened the ledger rows
-            elif kind == "loaded":
+            elif kind == "loaded" and slot is not None:
                 self.slots.release(slot, snapshot)
             elif kind == "scores":
                 self._results.put((message[1], message[2]))
@@ -441,7 +489,7 @@ class AsyncPlacement:
 
     def _record(self, status: str, snapshot: Snapshot, reason: str) -> None:
         record = self.ledger.record_failed if status == "failed" else self.ledger.record_skipped
-        for name in self.benchmark_names:
+        for name in snapshot.only or self.benchmark_names:
             record(self.run, snapshot.iteration, name, reason, placement=self.name, tokens=snapshot.tokens)
         if status == "skipped":
             logger.info("iteration %d: not evaluated: %s", snapshot.iteration, reason)
@@ -502,20 +550,27 @@ class AsyncPlacement:
         return self._idle()
 
     def _idle(self) -> bool:
-        return self._in_flight is None and self.slots.idle()
+        return self._in_flight is None and self.slots.idle() and self._from_disk.empty()
+
+    def _drop_waiting(self) -> list[Snapshot]:
+        """Every save not yet handed to the eval process (checkpoints on disk first), now dropped."""
+        dropped = []
+        while not self._from_disk.empty():
+            dropped.append(self._from_disk.get_nowait())
+        return dropped + self.slots.drop_waiting()
 
     def _skip_from_now(self, reason: str) -> None:
         """Record what is pending as not done and stop the evaluation in flight, with `reason`, and evaluate
         nothing more (the eval process is stopped)."""
         if self._skipping is None:
             self._skipping = self._abort = reason
-            for snapshot in self.slots.drop_waiting():
+            for snapshot in self._drop_waiting():
                 self._record("skipped", snapshot, reason)
 
     def _stop(self, reason: str) -> None:
         """Record what is still pending or running as not done (with `reason`), stop the eval process."""
         self._abort = reason  # the manager stops the evaluation in flight, if any, and records it failed
-        for snapshot in self.slots.drop_waiting():
+        for snapshot in self._drop_waiting():
             self._record("skipped", snapshot, reason)
         self.slots.close()
         self._manager.join(STOP_TIMEOUT_S)

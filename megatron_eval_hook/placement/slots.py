@@ -139,6 +139,10 @@ class Slots:
         with self._changed:
             self._changed.wait(timeout)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Wake every waiter; later `take` calls raise and `next` returns None."""
         with self._changed:

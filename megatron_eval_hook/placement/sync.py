@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_eval_hook.checkpoints import tokens_seen
 from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.engine.sharded import Layout, Session, serve
 from megatron_eval_hook.evaluator import Evaluator, build_engine
@@ -95,6 +96,7 @@ class SyncPlacement:
     ):
         refuse_unsupported_layouts(megatron_args, config)
         self.config = config
+        self.args = megatron_args
         self.max_sequence_length = max_sequence_length
         self._layout: Layout | None = None
         self.evaluator: Evaluator | None = None
@@ -136,6 +138,37 @@ class SyncPlacement:
                 logger.info("iteration %d (resumed from): evaluating %s, which it lacks", event.iteration, only)
         self._run(event, model, skip_reason=None if only or self.evaluator is None else "complete", only=only)
 
+    def before_load(self, iterations: list[int], load: Callable[[int], None], model: Any) -> None:
+        """Every rank, before a restarted job loads the save it resumes from: each earlier save in `iterations`
+        that lacks an `ok` result (and failed fewer than `resume.max_attempts` times) is loaded into `model` with
+        Megatron's own loading, as training shards it, and evaluated. The evaluating rank decides which; every
+        rank learns it."""
+        plan: list[tuple[int, list[str]]] | None = None
+        if self.evaluator is not None:
+            lacking = ((i, self.evaluator.missing(i, self.config.resume.max_attempts)) for i in iterations)
+            plan = [(iteration, only) for iteration, only in lacking if only]
+            if plan:
+                logger.info("resuming: %d earlier save(s) lack results (iterations %s); evaluated from their "
+                            "checkpoints before iteration 1 (resume.evaluate_missing=false leaves them to "
+                            "`megatron-eval backfill`)", len(plan), [i for i, _ in plan])  # fmt: skip
+        for iteration, only in self._from_driver(plan) or []:
+            error = None
+            try:
+                load(iteration)
+            except Exception as raised:  # a checkpoint that cannot be read is this save's failure, not training's
+                error = f"{type(raised).__name__}: {raised}"
+                logger.exception("iteration %d: loading its checkpoint failed", iteration)
+            if not self._everywhere(error is None):
+                if self.evaluator is not None:
+                    self.evaluator.fail(
+                        iteration, None, f"its checkpoint could not be loaded: {error or 'on another rank'}", only
+                    )
+                continue
+            if self.evaluator is not None:
+                logger.info("iteration %d (saved before the one resumed from): evaluating %s, which it lacks",
+                            iteration, only)  # fmt: skip
+            self._run(SaveEvent(iteration, False, tokens_seen(self.args)), model, skip_reason=None, only=only)
+
     def _run(self, event: SaveEvent, model: Any, skip_reason: str | None, record_skip: bool = False,
              only: list[str] | None = None) -> None:  # fmt: skip
         started = time.perf_counter()
@@ -176,12 +209,25 @@ class SyncPlacement:
 
     def _agree_on_skip(self, reason: str | None) -> str | None:
         """Every rank: the evaluating rank's reason to skip this save (None: evaluate), which it alone decides."""
+        return self._from_driver(reason)
+
+    def _from_driver(self, value: Any) -> Any:
+        """Every rank: the evaluating rank's `value`."""
         layout = self._layout_of_job()
         if layout is None:
-            return reason
-        said = [reason]
+            return value
+        said = [value]
         torch.distributed.broadcast_object_list(said, src=layout.driver, group=layout.group)
         return said[0]
+
+    def _everywhere(self, true: bool) -> bool:
+        """Every rank: whether `true` holds on every rank."""
+        layout = self._layout_of_job()
+        if layout is None:
+            return true
+        flag = torch.tensor([int(true)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=layout.group)
+        return bool(flag.item())
 
     def _evaluate(self, event: SaveEvent, model: Any, only: list[str] | None = None) -> None:
         """Every rank: evaluate the weights of `model` (Megatron's model chunks) saved at `event.iteration`."""

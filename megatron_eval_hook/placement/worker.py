@@ -3,8 +3,9 @@
 Started by the training process that owns the run's W&B run (the last rank), outside the
 `torch.distributed` world of training: it makes a world of one of its own, so it can never take
 part in a training collective. It builds the run's model without tensor or pipeline parallelism
-on its device, once, and for each job loads a snapshot from shared host memory into it and runs
-the same evaluation as the sync placement (ledger rows written here; the scores sent back to the
+on its device, once, and for each job loads a snapshot from shared host memory into it (or, for a
+save a restarted job found lacking results, its checkpoint from disk) and runs the same evaluation as
+the sync placement (ledger rows written here; the scores sent back to the
 training process, whose W&B run and TensorBoard writer log them).
 
 Messages on the socket FD (pickled, `multiprocessing.connection`):
@@ -32,12 +33,14 @@ logger = logging.getLogger("megatron_eval_hook")
 
 @dataclass(frozen=True)
 class Job:
-    """One snapshot to evaluate."""
+    """One save to evaluate: a snapshot in a slot, or (`folder`) a checkpoint on disk."""
 
     iteration: int
     tokens: int | None
-    blocked_s: float  # how long training waited for this snapshot
-    slot: int
+    blocked_s: float | None  # how long training waited for this snapshot (None: it did not wait)
+    slot: int | None
+    folder: str | None = None  # the checkpoint to read the weights from, instead of a slot
+    only: list[str] | None = None  # the benchmarks to evaluate (None: all)
 
 
 class ParentSink:
@@ -122,14 +125,17 @@ def serve(connection: Connection, device: str) -> None:
             continue
         job: Job = message[1]
 
-        def snapshot_model(job: Job = job, shards: list = shards) -> tuple[Any, Any]:
+        def job_model(job: Job = job, shards: list = shards) -> tuple[Any, Any]:
             connection.send(("begun", job.iteration))  # the ledger rows are open
-            load_snapshot(model.gpt, shards, buffers[job.slot].tensor)
+            if job.folder is not None:
+                model.load(Path(job.folder))
+            else:
+                load_snapshot(model.gpt, shards, buffers[job.slot].tensor)
             connection.send(("loaded", job.iteration))
             return model.gpt, model.tokenizer
 
         try:
-            evaluator.evaluate(job.iteration, job.tokens, snapshot_model)
+            evaluator.evaluate(job.iteration, job.tokens, job_model, only=job.only)
         except Exception as error:  # recorded in the ledger by the evaluator; start afresh for the next one
             connection.send(("done", job.iteration, f"{type(error).__name__}: {error}", True))
             return
