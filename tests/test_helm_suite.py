@@ -121,6 +121,25 @@ def test_missing_data_names_the_missing_file_and_the_fix(tmp_path, demo_data, in
     assert "anatomy_test.csv" in str(error.value) and "data_dir" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "entry, reached",
+    [
+        ("imdb", "ai.stanford.edu"),  # a scenario the hook knows nothing of, its data folder empty
+        ("boolq:data_augmentation=synonym", "raw.githubusercontent.com"),  # its perturbation downloads WordNet
+    ],
+)
+def test_a_benchmark_that_would_download_is_refused_before_any_evaluation(tmp_path, demo_data, in_process, entry,
+                                                                          reached):  # fmt: skip
+    data = tmp_path / "data"
+    (data / "imdb").mkdir(parents=True)
+    (data / "boolq").symlink_to(demo_data.helm_dir / "boolq")
+    with pytest.raises(BenchmarkError) as error:
+        suite_for(tmp_path / "out", demo_data, [entry], data_dir=data)
+    message = str(error.value)
+    assert f"run entry {entry!r}" in message and "tried to download" in message and reached in message
+    assert "Fix:" in message and str(data) in message
+
+
 def test_a_benchmark_without_instances_fails_alone(tmp_path, demo_data, in_process):
     empty = tmp_path / "data"
     (empty / "mmlu" / "data" / "dev").mkdir(parents=True)

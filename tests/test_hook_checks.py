@@ -104,6 +104,21 @@ def hook_on_demo_data(tmp_path, demo_data, **changes) -> EvalHook:
     return EvalHook(config, megatron_args(save=str(tmp_path / "run"), **changes))
 
 
+def test_a_benchmark_that_would_download_is_refused_before_iteration_1_and_the_ledger_is_untouched(tmp_path):
+    from megatron_eval_hook.ledger import Ledger
+
+    (tmp_path / "data" / "imdb").mkdir(parents=True)  # a scenario's folder, its files absent
+    ledger = tmp_path / "ledger.sqlite"
+    config = EvalHookConfig(benchmarks=["imdb"], data_dir=str(tmp_path / "data"), ledger=str(ledger))
+    config.wandb.enabled = False
+    with pytest.raises(ConfigError) as error:
+        EvalHook(config, megatron_args(save=str(tmp_path / "run")))
+    message = str(error.value)
+    assert message.startswith("--eval-hook-config conf/helm.yaml: benchmark 'imdb'")
+    assert "tried to download" in message and "Fix:" in message
+    assert not ledger.exists() or Ledger(ledger).results(running=True) == []
+
+
 @pytest.mark.parametrize(
     "changes, non_persistent",
     [({}, True), ({"ckpt_convert_format": "torch_dist"}, False)],

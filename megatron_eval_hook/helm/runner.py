@@ -21,9 +21,11 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.helm.data import ScenarioData
+from megatron_eval_hook.helm.offline import NetworkBlocked, network_blocked
 from megatron_eval_hook.ledger import MetricValue
 
 MODEL_ORG = "megatron_eval_hook"
@@ -179,8 +181,8 @@ class HelmSuite:
         from megatron_eval_hook.helm.warm import Reuse
 
         deployment = register_deployment(model_key, max_sequence_length)
-        self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
         self._stage_data()
+        self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
         self._reuse = Reuse()  # what evaluations can take over from earlier ones
 
     def _prepare(
@@ -207,8 +209,46 @@ class HelmSuite:
                     f"{where}: HELM scenario {scenario.name!r} declares no main metric, so the hook cannot "
                     "tell which score to report. Fix: use a scenario with metadata."
                 ) from error
+            self._dry_run(where, scenario, spec)
             specs.append(replace(spec, name=spec.name.replace("/", "_")))
         return PreparedBenchmark(benchmark, tuple(specs), metadata.main_metric, metadata.main_split)
+
+    def _dry_run(self, where: str, scenario: Any, spec: Any) -> None:
+        """Load the run's instances and apply its data augmentation as HELM's runner does, with the network
+        blocked: a benchmark whose data is incomplete (it would download, or a file cannot be read) is refused
+        here, before any evaluation, rather than failing at every save."""
+        from helm.benchmark.data_preprocessor import DataPreprocessor
+        from helm.benchmark.runner import downsample_eval_instances, set_benchmark_output_path
+        from helm.benchmark.scenarios.scenario import EVAL_SPLITS, get_scenario_cache_path, with_instance_ids
+
+        set_benchmark_output_path(str(self.helm_dir))
+        try:
+            with network_blocked():
+                instances = with_instance_ids(
+                    scenario.get_instances(get_scenario_cache_path(str(self.helm_dir), scenario.name))
+                )
+                if spec.adapter_spec.max_eval_instances is not None:
+                    splits = spec.adapter_spec.eval_splits or EVAL_SPLITS
+                    instances = downsample_eval_instances(instances, spec.adapter_spec.max_eval_instances, splits)
+                DataPreprocessor(spec.data_augmenter_spec).preprocess(instances, 1)
+        except NetworkBlocked as error:
+            augmented = bool(spec.data_augmenter_spec.perturbation_specs)
+            raise BenchmarkError(
+                f"{where}: HELM cannot run it offline: {error}, and the hook allows no download during training. "
+                f"Fix: put the files of scenario {scenario.name!r} in data_dir {self.data_dir} in HELM's layout "
+                f"(`megatron-eval prepare-data` fetches those it knows)"
+                + (
+                    ", and drop the run entry's data_augmentation (its perturbations download their own files)"
+                    if augmented
+                    else ""
+                )
+                + "; or leave this benchmark out."
+            ) from error
+        except Exception as error:
+            raise BenchmarkError(
+                f"{where}: HELM cannot read the data of scenario {scenario.name!r} in data_dir {self.data_dir}: "
+                f"{type(error).__name__}: {error}. Fix: check that its files are complete and in HELM's layout."
+            ) from error
 
     def _stage_data(self) -> None:
         scenarios = self.helm_dir / "scenarios"
