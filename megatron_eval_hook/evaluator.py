@@ -22,6 +22,7 @@ from megatron_eval_hook.helm.benchmarks import Benchmark
 from megatron_eval_hook.helm.runner import BenchmarkError, HelmSuite
 from megatron_eval_hook.ledger import Ledger, MetricValue
 from megatron_eval_hook.sinks import Deliveries, is_logged, score_key
+from megatron_eval_hook.uncertainty import of_runs
 
 logger = logging.getLogger("megatron_eval_hook")
 
@@ -217,12 +218,16 @@ class Evaluator:
             self.failed.append(prepared.name)
             logger.warning("benchmark %s failed: %s", prepared.name, outcome)
             return
-        self.ledger.finish_ok(evaluation_id, outcome, seconds)
+        instances = self.suite.instances.get(prepared.name, [])
+        self.ledger.finish_ok(evaluation_id, outcome, seconds, instances)
         del self._open[prepared.name]
+        interval = of_runs([[value for _, value in run] for run in instances])
         for metric in outcome:
             is_main = (metric.metric, metric.split) == (prepared.main_metric, prepared.main_split)
             if is_main:
                 self._main[prepared.name] = metric.value
+                if interval is not None:
+                    self._scores[score_key(prepared.name, metric.metric) + "_stderr"] = interval.stderr
             logged = is_logged(metric.metric, metric.split, prepared.main_metric, prepared.main_split,
                                self.config.wandb.log_all_metrics)  # fmt: skip
             if logged:

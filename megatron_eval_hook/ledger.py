@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +48,13 @@ CREATE TABLE IF NOT EXISTS metrics (
     count         INTEGER,
     PRIMARY KEY (evaluation_id, metric, split)
 );
+CREATE TABLE IF NOT EXISTS instances (
+    evaluation_id INTEGER NOT NULL REFERENCES evaluations (id),
+    run_index     INTEGER NOT NULL,   -- which of the HELM runs averaged into the benchmark (e.g. an MMLU subject)
+    instance      TEXT    NOT NULL,   -- HELM's instance id
+    value         REAL    NOT NULL,   -- the main metric on this instance
+    PRIMARY KEY (evaluation_id, run_index, instance)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS deliveries (
     evaluation_id INTEGER NOT NULL REFERENCES evaluations (id),
     sink          TEXT    NOT NULL,   -- wandb, tensorboard: a sink that has received this evaluation's scores
@@ -166,8 +173,21 @@ class Ledger:
             )
             return int(cursor.lastrowid)
 
-    def finish_ok(self, evaluation_id: int, metrics: Iterable[MetricValue], duration_s: float) -> None:
+    def finish_ok(
+        self,
+        evaluation_id: int,
+        metrics: Iterable[MetricValue],
+        duration_s: float,
+        instances: Sequence[Sequence[tuple[str, float]]] = (),
+    ) -> None:
+        """Record the evaluation as `ok` with its `metrics` and, per HELM run of the benchmark, its main metric's
+        (instance id, value) pairs, in one transaction."""
         with self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO instances (evaluation_id, run_index, instance, value) VALUES (?, ?, ?, ?)",
+                [(evaluation_id, index, instance, value) for index, run in enumerate(instances)
+                 for instance, value in run],
+            )  # fmt: skip
             db.executemany(
                 "INSERT OR REPLACE INTO metrics (evaluation_id, metric, split, value, count) VALUES (?, ?, ?, ?, ?)",
                 [(evaluation_id, m.metric, m.split, m.value, m.count) for m in metrics],
@@ -310,12 +330,32 @@ class Ledger:
             done.setdefault(iteration, set()).add(benchmark)
         return done
 
+    def instance_values(self, evaluation_ids: Iterable[int]) -> dict[int, list[list[float]]]:
+        """For each of `evaluation_ids` with per-instance values, its main metric's values, one list per HELM run."""
+        ids = list(evaluation_ids)
+        found: dict[int, dict[int, list[float]]] = {}
+        with self._connect() as db:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                rows = db.execute(
+                    f"SELECT evaluation_id, run_index, value FROM instances WHERE evaluation_id IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY evaluation_id, run_index, instance",
+                    chunk,
+                ).fetchall()
+                for evaluation_id, index, value in rows:
+                    found.setdefault(evaluation_id, {}).setdefault(index, []).append(value)
+        return {evaluation_id: [runs[i] for i in sorted(runs)] for evaluation_id, runs in found.items()}
+
     def results(self, run: str | None = None, all_metrics: bool = False, running: bool = False) -> list[dict[str, Any]]:
         """Every finished attempt (and, if `running`, every attempt still running), oldest first, as flat rows.
 
         An `ok` attempt gives one row per metric (only its main metric unless `all_metrics`);
         a `failed`, `skipped` or `running` attempt gives one row with `metric` and `value` null.
+        The main metric's row has its standard error and 95% interval (`stderr`, `ci_low`, `ci_high`, from the
+        per-instance values: `uncertainty.py`); null on the other rows, and where no instances were recorded.
         """
+        from megatron_eval_hook.uncertainty import of_runs
+
         query = """
             SELECT e.id, e.run, e.iteration, e.benchmark, e.status, e.error, e.started_at, e.duration_s,
                    e.blocked_s, e.placement, e.tokens, e.main_metric, e.main_split, m.metric, m.split, m.value,
@@ -329,6 +369,16 @@ class Ledger:
         with self._connect() as db:
             db.row_factory = sqlite3.Row
             rows = db.execute(query, (int(all_metrics), int(running), run, run)).fetchall()
+        values = self.instance_values(r["id"] for r in rows if r["status"] == "ok")
+        intervals = {evaluation_id: of_runs(runs) for evaluation_id, runs in values.items()}
+
+        def interval(r: sqlite3.Row) -> dict[str, float | None]:
+            main = r["metric"] is not None and (r["metric"], r["split"]) == (r["main_metric"], r["main_split"])
+            found = intervals.get(r["id"]) if main else None
+            if found is None:
+                return {"stderr": None, "ci_low": None, "ci_high": None}
+            return {"stderr": found.stderr, "ci_low": found.low, "ci_high": found.high}
+
         return [
             {
                 "run": r["run"],
@@ -346,6 +396,7 @@ class Ledger:
                 "blocked_s": r["blocked_s"],
                 "placement": r["placement"],
                 "tokens": r["tokens"],
+                **interval(r),
             }
             for r in rows
             if r["status"] != "ok" or r["metric"] is not None

@@ -81,6 +81,11 @@ def test_every_benchmark_yields_its_main_metric_from_helm_stats(tmp_path, demo_d
     ]
     stats = tmp_path / "helm" / "runs" / "iter_0000007"
     assert len(list(stats.glob("*/stats.json"))) == 3
+    for prepared, metrics, _ in outcomes:  # each score is the mean of its per-instance values, kept for the ledger
+        main = next(m for m in metrics if (m.metric, m.split) == (prepared.main_metric, prepared.main_split))
+        (run,) = suite.instances[prepared.name]
+        assert len(run) == main.count and len({instance for instance, _ in run}) == main.count
+        assert sum(value for _, value in run) / len(run) == pytest.approx(main.value)
 
 
 def test_scores_come_from_the_files_helm_wrote(tmp_path, demo_data, in_process):

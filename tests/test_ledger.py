@@ -54,13 +54,32 @@ def test_an_attempt_left_running_by_a_dead_process_becomes_failed(tmp_path, caps
     assert row["status"] == "failed" and "interrupted" in row["error"]
 
 
+def test_an_ok_evaluation_keeps_its_per_instance_values_and_its_score_their_interval(tmp_path, capsys):
+    from megatron_eval_hook.uncertainty import wilson
+
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    ok = ledger.begin("run", 10, "boolq", placement="sync", main_metric="qem", main_split="valid")
+    per_instance = [(f"id{i}", float(i % 4 == 0)) for i in range(40)]  # 10 of 40 right
+    ledger.finish_ok(ok, [MetricValue("qem", "valid", 0.25, 40), MetricValue("em", "valid", 0.2, 40)], 1.0,
+                     [per_instance])  # fmt: skip
+    ((kept,),) = ledger.instance_values([ok]).values()  # one HELM run
+    assert sorted(kept) == sorted(value for _, value in per_instance)
+    main(["results", "--ledger", str(path), "--format", "json", "--all-metrics"])
+    rows = {row["metric"]: row for row in json.loads(capsys.readouterr().out)}
+    assert (rows["qem"]["ci_low"], rows["qem"]["ci_high"]) == pytest.approx(wilson(10, 40))
+    assert rows["qem"]["stderr"] == pytest.approx((0.25 * 0.75 / 39) ** 0.5)
+    assert rows["em"]["stderr"] is None  # per-instance values are kept for the main metric only
+
+
 def test_cli_results_json_prints_the_documented_fields(tmp_path, capsys):
     path = tmp_path / "ledger.sqlite"
     fill(Ledger(path))
     assert main(["results", "--ledger", str(path), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 3
-    for key in ("run", "iteration", "benchmark", "metric", "value", "status", "error", "started_at", "duration_s"):
+    for key in ("run", "iteration", "benchmark", "metric", "value", "status", "error", "started_at", "duration_s",
+                "stderr", "ci_low", "ci_high"):  # fmt: skip
         assert key in rows[0]
 
 

@@ -58,6 +58,8 @@ def test_scores_are_in_the_training_runs_wandb_against_the_iteration(hooked):
     assert [iteration for iteration, _ in facts] == [3, 6, 7]
     assert [i for i, _ in series(run, "eval/blocked_s", x="eval/iteration")] == [3, 6, 7]
     assert run["metrics"].get("eval/*") == "eval/iteration"
+    stderr = series(run, "eval/facts/exact_match_stderr", x="eval/iteration")
+    assert [i for i, _ in stderr] == [3, 6, 7] and all(0.0 <= value <= 0.5 for _, value in stderr)
 
 
 def test_scores_are_in_megatrons_tensorboard_events_at_the_iteration(hooked):

@@ -137,6 +137,21 @@ def read_stats(path: Path) -> dict[tuple[str, str], MetricValue]:
     return stats
 
 
+def read_instance_values(path: Path, metric: str, split: str) -> list[tuple[str, float]]:
+    """HELM's per-instance values of `metric` on `split` in one run (`per_instance_stats.json`), without the
+    perturbation copies: (instance id, value), the mean over train trials, in HELM's order."""
+    sums: dict[str, list[float]] = {}
+    for entry in json.loads(path.read_text()):
+        if entry.get("perturbation"):
+            continue
+        for stat in entry["stats"]:
+            name = stat["name"]
+            if name["name"] == metric and name.get("split", "") == split and "perturbation" not in name:
+                if stat.get("count"):
+                    sums.setdefault(entry["instance_id"], []).append(float(stat["mean"]))
+    return [(instance, sum(values) / len(values)) for instance, values in sums.items()]
+
+
 def _mean_over_runs(per_run: list[dict[tuple[str, str], MetricValue]]) -> list[MetricValue]:
     keys = dict.fromkeys(k for stats in per_run for k in stats)
     merged = []
@@ -180,6 +195,9 @@ class HelmSuite:
         ensure_punkt_tab(self.helm_dir / "nltk_data")
         from megatron_eval_hook.helm.warm import Reuse
 
+        # The per-instance values of the main metric of each benchmark of the latest `evaluate`, one list per HELM
+        # run averaged into it: what its score's uncertainty and paired comparisons are computed from.
+        self.instances: dict[str, list[list[tuple[str, float]]]] = {}
         deployment = register_deployment(model_key, max_sequence_length)
         self._stage_data()
         self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
@@ -271,15 +289,23 @@ class HelmSuite:
         register_deployment(self.model_key, self.max_sequence_length)
         self._reuse.start(registered_model(self.model_key).tokenizer)
         runner = _batching_runner(model, self.helm_dir, suite=f"iter_{iteration:07d}", reuse=self._reuse)
+        self.instances = {}
         for prepared in self.benchmarks:
             if only is not None and prepared.name not in only:
                 continue
             started = time.perf_counter()
             try:
                 per_run = [self._run(runner, spec, prepared) for spec in prepared.run_specs]
+                self.instances[prepared.name] = [self._instance_values(runner, spec, prepared)
+                                                 for spec in prepared.run_specs]  # fmt: skip
                 yield prepared, _mean_over_runs(per_run), time.perf_counter() - started
             except Exception as error:  # one benchmark failing must not stop the others
                 yield prepared, error, time.perf_counter() - started
+
+    @staticmethod
+    def _instance_values(runner, spec, prepared: PreparedBenchmark) -> list[tuple[str, float]]:
+        path = Path(runner.runs_path) / spec.name / "per_instance_stats.json"
+        return read_instance_values(path, prepared.main_metric, prepared.main_split)
 
     def _run(self, runner, spec, prepared: PreparedBenchmark) -> dict[tuple[str, str], MetricValue]:
         runner.run_one(spec)
