@@ -1,6 +1,7 @@
 """`megatron-eval`: command-line views of the ledger, and evaluation outside training.
 
 megatron-eval results --ledger PATH [--run NAME] [--all-metrics] [--format table|json]
+megatron-eval compare --ledger PATH --run A [--iteration I] [--vs-run B] [--vs-iteration J] [--format table|json]
 megatron-eval baselines --config conf/baselines.yaml [--ledger PATH] [--no-wandb]
 megatron-eval leaderboard --ledger PATH [--runs NAME ...] [--pick latest|best]
                           [--format table|markdown|csv|json] [--wandb]
@@ -57,6 +58,34 @@ def _results(args: argparse.Namespace) -> int:
         print(format_table(rows))
     else:
         print(f"no evaluations recorded in {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from megatron_eval_hook.compare import CompareError, compare, format_comparisons
+
+    path = Path(args.ledger)
+    if not path.is_file():
+        print(
+            f"megatron-eval compare: no ledger at {path}. Fix: pass the ledger.sqlite the hook wrote.", file=sys.stderr
+        )
+        return 2
+    vs_run = args.vs_run or args.run
+    if vs_run == args.run and args.vs_iteration == args.iteration:
+        print("megatron-eval compare: both sides name the same evaluation. Fix: give --vs-iteration or --vs-run.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        comparisons = compare(Ledger(path), args.run, args.iteration, vs_run, args.vs_iteration)
+    except CompareError as error:
+        print(f"megatron-eval compare: {error}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps([c.to_json() for c in comparisons], indent=2))
+    else:
+        a = f"{args.run} at " + (f"iteration {args.iteration}" if args.iteration is not None else "its latest")
+        b = f"{vs_run} at " + (f"iteration {args.vs_iteration}" if args.vs_iteration is not None else "its latest")
+        print(format_comparisons(comparisons, a, b))
     return 0
 
 
@@ -366,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--all-metrics", action="store_true", help="every metric, not only each main metric")
     results.add_argument("--format", choices=("table", "json"), default="table")
     results.set_defaults(handler=_results)
+    paired = commands.add_parser("compare", help="is a change real? two evaluations compared on the same instances")
+    paired.add_argument("--ledger", required=True, help="path of the ledger (ledger.sqlite)")
+    paired.add_argument("--run", required=True, help="side A's run")
+    paired.add_argument("--iteration", type=int, default=None, help="side A's iteration (default: its latest)")
+    paired.add_argument("--vs-run", default=None, help="side B's run (default: --run)")
+    paired.add_argument("--vs-iteration", type=int, default=None, help="side B's iteration (default: its latest)")
+    paired.add_argument("--format", choices=("table", "json"), default="table")
+    paired.set_defaults(handler=_compare)
     export = commands.add_parser("export-hf", help="write a GPT-2 or Llama checkpoint as a Hugging Face folder")
     export.add_argument("--checkpoint", required=True, help="torch_dist save folder or one of its iter_* folders")
     export.add_argument("--out", required=True, help="folder for the Hugging Face model and tokenizer")

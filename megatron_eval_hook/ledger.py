@@ -346,6 +346,30 @@ class Ledger:
                     found.setdefault(evaluation_id, {}).setdefault(index, []).append(value)
         return {evaluation_id: [runs[i] for i in sorted(runs)] for evaluation_id, runs in found.items()}
 
+    def ok_evaluations(self, run: str, iteration: int | None = None) -> dict[str, tuple[int, str]]:
+        """For each benchmark with an `ok` evaluation of `run` at `iteration` (None: the run's latest such
+        iteration), the latest one's id and main metric."""
+        with self._connect() as db:
+            if iteration is None:
+                found = db.execute(
+                    "SELECT MAX(iteration) FROM evaluations WHERE run = ? AND status = 'ok'", (run,)
+                ).fetchone()
+                iteration = found[0] if found else None
+            rows = db.execute(
+                "SELECT benchmark, id, main_metric FROM evaluations WHERE run = ? AND iteration = ? AND status = 'ok'"
+                " ORDER BY id",
+                (run, iteration),
+            ).fetchall()
+        return {benchmark: (evaluation_id, metric) for benchmark, evaluation_id, metric in rows}
+
+    def instances_by_key(self, evaluation_id: int) -> dict[tuple[int, str], float]:
+        """The per-instance values of evaluation `evaluation_id`, by (HELM run index, instance id)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT run_index, instance, value FROM instances WHERE evaluation_id = ?", (evaluation_id,)
+            ).fetchall()
+        return {(index, instance): value for index, instance, value in rows}
+
     def results(self, run: str | None = None, all_metrics: bool = False, running: bool = False) -> list[dict[str, Any]]:
         """Every finished attempt (and, if `running`, every attempt still running), oldest first, as flat rows.
 

@@ -4,6 +4,7 @@ environment (no test-session variables, no CPU shims applied beforehand), on thi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,17 @@ from training_runs import BENCHMARKS, FACTS
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = Path(sys.executable).parent / "megatron-eval"
-COMMANDS = ["results", "export-hf", "backfill", "check-data", "prepare-data", "baselines", "leaderboard", "report"]
+COMMANDS = [
+    "results",
+    "compare",
+    "export-hf",
+    "backfill",
+    "check-data",
+    "prepare-data",
+    "baselines",
+    "leaderboard",
+    "report",
+]
 
 
 def clean_environment(home: Path) -> dict[str, str]:
@@ -56,6 +67,10 @@ def test_every_command_runs_as_a_user_runs_it(hooked, demo_data, tmp_path):
         return done.stdout
 
     assert "boolq" in succeeds("results", "--ledger", str(ledger))
+    compared = json.loads(succeeds("compare", "--ledger", str(ledger), "--run", "run", "--iteration", "7",
+                                   "--vs-iteration", "3", "--format", "json"))  # fmt: skip
+    assert {c["benchmark"] for c in compared} == {"boolq", "facts"}  # the broken benchmark is never ok
+    assert all(c["ci_low"] <= c["difference"] <= c["ci_high"] and 0 < c["p_holm"] <= 1 for c in compared)
     succeeds("export-hf", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     config = str(REPO / "conf" / "helm.yaml")
