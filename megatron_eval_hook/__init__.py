@@ -76,11 +76,15 @@ def install(args: Any) -> Any:
         refuse(error, args)
 
 
+OTHER_RANKS_WAIT_S = 60.0
+
+
 def refuse(error: Exception, args: Any) -> None:
     """Stop the job, exit status 2, with `error` said once as one block (what, where from, the fix), not in a
     traceback. The last rank says it: every refusal is found there (some only there: the ledger is its own);
-    other ranks leave a moment later and silently. Under torchrun the block goes into the error file torchrun
-    gives each worker, and its closing summary shows it, last, as the root cause; elsewhere on stderr."""
+    other ranks leave silently, after it: torchrun's root cause is the first failure it observes, and it stops
+    the other workers once one has failed. Under torchrun the block goes into the error file torchrun gives
+    each worker, and its closing summary shows it, last, as the root cause; elsewhere on stderr."""
     import json
     import os
     import sys
@@ -88,7 +92,9 @@ def refuse(error: Exception, args: Any) -> None:
 
     world_size = int(getattr(args, "world_size", 1) or 1)
     if int(getattr(args, "rank", 0) or 0) != world_size - 1:
-        time.sleep(2.0)  # after the saying rank: torchrun's root cause is the first failure it observes
+        # Ranks reach this at different times (a loaded node, the last rank's own checks): wait for the saying
+        # rank to fail first, and torchrun to stop this one; leave anyway if nothing stops it.
+        time.sleep(OTHER_RANKS_WAIT_S)
         _exit(2)
     block = f"megatron_eval_hook: training not started.\n{error}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
