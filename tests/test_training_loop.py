@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -318,7 +319,7 @@ def test_a_job_killed_right_after_an_evaluation_neither_repeats_nor_loses_it(dem
     training.kill_tree()
     resumed = ok(train(tmp_path, demo_data, iterations=4, save_interval=2, hook=hook,
                        extra=resume(tmp_path)))  # fmt: skip
-    assert "lack" not in resumed.stdout
+    assert not re.search(r"iteration 2 \(.*lacks", resumed.stdout)  # (4 may: async, it could be saved unevaluated)
     assert ok_rows(ledger) == [(2, "facts"), (4, "facts")]
     assert logged_iterations(tmp_path / "wandb") == [2, 4]
 
