@@ -1,6 +1,6 @@
 """`megatron-eval`: command-line views of the ledger, and evaluation outside training.
 
-megatron-eval results --ledger PATH [--run NAME] [--all-metrics] [--format table|json]
+megatron-eval results --ledger PATH [--run NAME] [--all-metrics | --summary] [--format table|json]
 megatron-eval compare --ledger PATH --run A [--iteration I] [--vs-run B] [--vs-iteration J] [--format table|json]
 megatron-eval baselines --config conf/baselines.yaml [--ledger PATH] [--no-wandb]
 megatron-eval leaderboard --ledger PATH [--runs NAME ...] [--pick latest|best]
@@ -51,6 +51,15 @@ def _results(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.summary:
+        from megatron_eval_hook.trend import format_trends, trends
+
+        found = trends(Ledger(path), run=args.run)
+        if args.format == "json":
+            print(json.dumps([t.to_json() for t in found], indent=2))
+        else:
+            print(format_trends(found) if found else f"no ok evaluations recorded in {path}")
+        return 0
     rows = Ledger(path).results(run=args.run, all_metrics=args.all_metrics, running=True)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -219,7 +228,10 @@ def _report(args: argparse.Namespace) -> int:
     except LeaderboardError as error:
         print(f"megatron-eval report: {error}", file=sys.stderr)
         return 2
-    html = render_report(rows, baselines, board, ledger_name=str(args.ledger))
+    from megatron_eval_hook.trend import trends
+
+    html = render_report(rows, baselines, board, ledger_name=str(args.ledger), trends=trends(ledger),
+                         alerts=ledger.alerts())  # fmt: skip
     print(f"wrote {write_report(args.out, html)}")
     return 0
 
@@ -393,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--ledger", required=True, help="path of the ledger (ledger.sqlite)")
     results.add_argument("--run", default=None, help="only this run")
     results.add_argument("--all-metrics", action="store_true", help="every metric, not only each main metric")
+    results.add_argument(
+        "--summary", action="store_true", help="per benchmark: its noise, its trend over the run, and a verdict"
+    )
     results.add_argument("--format", choices=("table", "json"), default="table")
     results.set_defaults(handler=_results)
     paired = commands.add_parser("compare", help="is a change real? two evaluations compared on the same instances")

@@ -18,6 +18,7 @@ from typing import Any
 PLACEMENTS = ("sync", "async")
 PENDING_POLICIES = ("latest", "all")
 WANDB_MODES = ("online", "offline", "disabled")
+ALERT_REFERENCES = ("best", "previous")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,16 @@ class ResumeConfig:
 
     evaluate_missing: bool = True  # evaluate, from their checkpoints, what that save and the earlier ones lack
     max_attempts: int = 3  # a benchmark that failed this often at a save is not tried again there
+
+
+@dataclass
+class AlertsConfig:
+    """Regression alerts: each evaluation compared, paired, with an earlier one of the run (`compare.py`)."""
+
+    enabled: bool = True
+    against: str = "best"  # best: the earlier save with the highest score; previous: the save just before
+    alpha: float = 0.01  # a drop counts when its Holm-adjusted p-value is below this
+    min_drop: float = 0.0  # ... and it is at least this large (in the metric's units)
 
 
 @dataclass
@@ -90,6 +101,7 @@ class EvalHookConfig:
     run_name: str | None = None  # null = --wandb-exp-name, else the name of the --save folder
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     benchmarks: list[str] = field(default_factory=lambda: ["default"])
     presets: dict[str, list[str]] = field(default_factory=dict)
     max_eval_instances: int = 100
@@ -205,6 +217,12 @@ def check_config(config: EvalHookConfig, where: str = "eval hook config") -> Non
         raise bad("engine.batch_size", config.engine.batch_size, "use 1 or more sequences.")
     if config.resume.max_attempts < 1:
         raise bad("resume.max_attempts", config.resume.max_attempts, "use 1 or more (1: never retry).")
+    if config.alerts.against not in ALERT_REFERENCES:
+        raise bad("alerts.against", config.alerts.against, f"use one of {list(ALERT_REFERENCES)}.")
+    if not 0.0 < config.alerts.alpha < 1.0:
+        raise bad("alerts.alpha", config.alerts.alpha, "use a significance level between 0 and 1, e.g. 0.01.")
+    if config.alerts.min_drop < 0:
+        raise bad("alerts.min_drop", config.alerts.min_drop, "use 0 or a positive drop in the metric's units.")
     if config.engine.max_sequence_length is not None and config.engine.max_sequence_length < 2:
         raise bad("engine.max_sequence_length", config.engine.max_sequence_length, "use null or >= 2 tokens.")
     if config.wandb.mode is not None and config.wandb.mode not in WANDB_MODES:

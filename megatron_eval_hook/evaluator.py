@@ -12,9 +12,11 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from megatron_eval_hook.compare import Comparison, compare_values, holm
 from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.export import SnapshotExport
@@ -83,6 +85,7 @@ class Evaluator:
         self._ids: list[int] = []  # ledger ids of the latest evaluation
         self._scores: dict[str, float] = {}  # W&B key -> value of the latest evaluation
         self._main: dict[str, float] = {}  # benchmark -> main score of the latest evaluation
+        self._ok_ids: dict[str, tuple[int, str]] = {}  # benchmark -> (ledger id, main metric) of its ok attempt
         self._duration_s = 0.0
         self._exported: Path | None = None  # where the latest evaluation's weights were exported
         self._export_s = 0.0
@@ -133,7 +136,7 @@ class Evaluator:
 
         self._record_unrecorded()
         chosen = [p for p in self.suite.benchmarks if only is None or p.name in only]
-        self._scores, self._main, self._duration_s, self.failed = {}, {}, 0.0, []
+        self._scores, self._main, self._ok_ids, self._duration_s, self.failed = {}, {}, {}, 0.0, []
         self._exported, self._export_s = None, 0.0
         self._open = {
             prepared.name: self.ledger.begin(
@@ -221,7 +224,8 @@ class Evaluator:
         instances = self.suite.instances.get(prepared.name, [])
         self.ledger.finish_ok(evaluation_id, outcome, seconds, instances)
         del self._open[prepared.name]
-        interval = of_runs([[value for _, value in run] for run in instances])
+        self._ok_ids[prepared.name] = (evaluation_id, prepared.main_metric)
+        interval = of_runs([[value for _, value, *_ in run] for run in instances])
         for metric in outcome:
             is_main = (metric.metric, metric.split) == (prepared.main_metric, prepared.main_split)
             if is_main:
@@ -244,6 +248,13 @@ class Evaluator:
                 logger.error("the ledger cannot record the blocked time of iteration %d: %s: %s",
                              iteration, type(error).__name__, error)  # fmt: skip
         scores = ", ".join(f"{name} {value:.3f}" for name, value in self._main.items())
+        regressions = self._regressions(iteration)
+        if regressions:
+            scores += "; REGRESSION " + ", ".join(
+                f"{c.benchmark} {c.difference:+.3f} against iteration {against} (95% [{c.ci_low:+.3f}, "
+                f"{c.ci_high:+.3f}], p_holm {c.p_holm:.2g})"
+                for against, c in regressions
+            )
         timing = f"evaluated in {self._duration_s:.1f} s"
         if blocked_s is not None:
             timing += f", training blocked {blocked_s:.1f} s"
@@ -251,9 +262,43 @@ class Evaluator:
             timing += f", weights in {self._exported} ({self._export_s:.1f} s)"
         logger.info("iteration %d: %s (%s)", iteration, scores or "no scores", timing)
         values = {**self._scores, "eval/duration_s": self._duration_s}
+        values.update({f"eval/{c.benchmark}/regression": c.difference for _, c in regressions})
         if blocked_s is not None:
             values["eval/blocked_s"] = blocked_s
         self.deliveries.send(iteration, values)
+
+    def _regressions(self, iteration: int) -> list[tuple[int, Comparison]]:
+        """The benchmarks of the latest evaluation whose score dropped beyond noise against an earlier save of the
+        run (`alerts.*`: the best one or the previous one), paired on the same instances, Holm-adjusted over the
+        benchmarks compared; each recorded in the ledger. Never raises: a failure here is logged."""
+        alerts = self.config.alerts
+        if not alerts.enabled or not self._ok_ids:
+            return []
+        try:
+            compared: list[tuple[int, Comparison]] = []
+            for name, (evaluation_id, metric) in self._ok_ids.items():
+                earlier = self.ledger.earlier_ok(self.run, name, iteration)
+                if not earlier:
+                    continue
+                pick = (lambda e: (e[2], e[0])) if alerts.against == "best" else (lambda e: e[0])
+                against, against_id, _ = max(earlier, key=pick)
+                ours, theirs = self.ledger.instances_by_key(evaluation_id), self.ledger.instances_by_key(against_id)
+                if not ours or not theirs or set(ours) != set(theirs):
+                    continue  # not the same instances (older ledger rows, changed settings): no paired test
+                comparison, _ = compare_values(name, metric, ours, theirs, f"iterations {iteration} and {against}")
+                compared.append((against, comparison))
+            adjusted = holm([c.p_value for _, c in compared])
+            found = [
+                (against, replace(c, p_holm=p_holm))
+                for (against, c), p_holm in zip(compared, adjusted)
+                if c.difference < 0 and p_holm < alerts.alpha and -c.difference >= alerts.min_drop
+            ]
+            for against, comparison in found:
+                self.ledger.record_alert(self.run, iteration, against, comparison)
+            return found
+        except Exception:
+            logger.exception("iteration %d: the regression check failed", iteration)
+            return []
 
     def close(self) -> None:
         self.deliveries.flush()

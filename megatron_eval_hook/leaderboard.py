@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_eval_hook.helm.benchmarks import PRESETS, resolve_benchmarks
 from megatron_eval_hook.ledger import BaselineScore
+from megatron_eval_hook.uncertainty import Z95
 
 PICKS = ("latest", "best")
 
@@ -67,6 +69,7 @@ class Entry:
     iteration: int | None
     tokens: int | None
     scores: Mapping[str, float]  # benchmark -> its main metric
+    stderrs: Mapping[str, float] = field(default_factory=dict)  # benchmark -> its standard error, where known
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Row:
     entry: Entry
     composite: float | None
     over: tuple[str, ...]  # the benchmarks the composite is the mean of
+    composite_se: float | None = None  # its standard error, when every score it is over has one
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class Leaderboard:
                     "tokens": row.entry.tokens,
                     "scores": {b: row.entry.scores.get(b) for b in self.benchmarks},
                     "composite": row.composite,
+                    "composite_se": row.composite_se,
+                    "composite_ci": None
+                    if row.composite_se is None
+                    else [row.composite - Z95 * row.composite_se, row.composite + Z95 * row.composite_se],
                     "composite_over": list(row.over),
                     "partial": self.is_partial(row),
                 }
@@ -116,7 +124,7 @@ class Leaderboard:
         }
 
     def columns(self) -> list[str]:
-        return ["rank", "name", "kind", "iteration", "tokens", *self.benchmarks, "composite", "over"]
+        return ["rank", "name", "kind", "iteration", "tokens", *self.benchmarks, "composite", "± se", "over"]
 
     def flat_rows(self) -> list[dict[str, Any]]:
         """One flat dict per row, keyed by `columns()`; `over` reads `n/N`, with `*` when partial."""
@@ -129,6 +137,7 @@ class Leaderboard:
                 "tokens": row.entry.tokens,
                 **{b: row.entry.scores.get(b) for b in self.benchmarks},
                 "composite": row.composite,
+                "± se": row.composite_se,
                 "over": f"{len(row.over)}/{len(self.benchmarks)}" + ("*" if self.is_partial(row) else ""),
             }
             for row in self.rows
@@ -141,6 +150,8 @@ class Leaderboard:
             "composite: mean over the row's benchmarks of (score - chance) / (1 - chance); missing benchmarks are "
             "left out, not counted as 0",
             f"chance levels: {levels}",
+            "± se: the composite's standard error, from each score's (its 95% interval: ± 1.96 se); none for "
+            "published baselines",
         ]
         if any(self.is_partial(row) for row in self.rows):
             lines.append(
@@ -202,6 +213,25 @@ def composite(scores: Mapping[str, float], chance: Mapping[str, Chance]) -> floa
     if not scores:
         return None
     return statistics.fmean(rescaled(value, chance[b]) for b, value in scores.items())
+
+
+def composite_se(
+    stderrs: Mapping[str, float], scores: Mapping[str, float], chance: Mapping[str, Chance]
+) -> float | None:
+    """The composite's standard error: each score's, rescaled as the score is, over independent benchmarks
+    (sqrt of the sum of (se / (1 - chance))^2, over the number of benchmarks); None unless every score has one."""
+    if not scores or any(b not in stderrs for b in scores):
+        return None
+    return math.sqrt(sum((stderrs[b] / (1 - chance[b].level)) ** 2 for b in scores)) / len(scores)
+
+
+def _run_stderrs(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
+    """(run, iteration) -> benchmark -> the standard error of its main score, where the ledger has one."""
+    found: dict[tuple[str, int], dict[str, float]] = {}
+    for row in rows:
+        if row["status"] == "ok" and row["main"] and row.get("stderr") is not None:
+            found.setdefault((row["run"], row["iteration"]), {})[row["benchmark"]] = row["stderr"]
+    return found
 
 
 def _run_scores(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
@@ -290,10 +320,12 @@ def build_leaderboard(
         for b, m in metrics.items()
     }
     tokens = _run_tokens(rows)
+    stderrs = _run_stderrs(rows)
     entries = []
     for name, iterations in run_scores.items():
         iteration = _pick_iteration(iterations, pick, levels)
-        entries.append(Entry(name, "run", iteration, tokens.get((name, iteration)), iterations.get(iteration, {})))
+        entries.append(Entry(name, "run", iteration, tokens.get((name, iteration)), iterations.get(iteration, {}),
+                             stderrs.get((name, iteration), {})))  # fmt: skip
     entries += _baseline_entries(baselines, metrics)
     return Leaderboard(tuple(metrics), metrics, levels, _ranked(entries, levels))
 
@@ -302,7 +334,13 @@ def _ranked(entries: Sequence[Entry], chance: Mapping[str, Chance]) -> tuple[Row
     scored = [(entry, composite(entry.scores, chance)) for entry in entries]
     scored.sort(key=lambda pair: (pair[1] is None, -(pair[1] or 0.0), pair[0].kind, pair[0].name))
     return tuple(
-        Row(rank if value is not None else None, entry, value, tuple(entry.scores))
+        Row(
+            rank if value is not None else None,
+            entry,
+            value,
+            tuple(entry.scores),
+            composite_se(entry.stderrs, entry.scores, chance),
+        )  # fmt: skip
         for rank, (entry, value) in enumerate(scored, start=1)
     )
 

@@ -53,8 +53,24 @@ CREATE TABLE IF NOT EXISTS instances (
     run_index     INTEGER NOT NULL,   -- which of the HELM runs averaged into the benchmark (e.g. an MMLU subject)
     instance      TEXT    NOT NULL,   -- HELM's instance id
     value         REAL    NOT NULL,   -- the main metric on this instance
+    gold_logprob  REAL,               -- multiple choice, answers scored separately: the gold answer's log-prob
+    wrong_logprob REAL,               -- ... and the best wrong answer's
     PRIMARY KEY (evaluation_id, run_index, instance)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    run         TEXT    NOT NULL,
+    iteration   INTEGER NOT NULL,   -- the evaluation whose score dropped
+    benchmark   TEXT    NOT NULL,
+    against     INTEGER NOT NULL,   -- the earlier iteration it was compared with
+    metric      TEXT    NOT NULL,
+    difference  REAL    NOT NULL,   -- its score minus the earlier one's, on the same instances
+    ci_low      REAL    NOT NULL,   -- 95% paired interval of the difference
+    ci_high     REAL    NOT NULL,
+    p_value     REAL    NOT NULL,   -- paired test (compare.py)
+    p_holm      REAL    NOT NULL,   -- adjusted over the benchmarks of that evaluation
+    recorded_at TEXT    NOT NULL,   -- ISO 8601, UTC
+    PRIMARY KEY (run, iteration, benchmark)
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     evaluation_id INTEGER NOT NULL REFERENCES evaluations (id),
     sink          TEXT    NOT NULL,   -- wandb, tensorboard: a sink that has received this evaluation's scores
@@ -132,6 +148,10 @@ class Ledger:
             with self._connect() as db:
                 tracked = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone()
                 db.executescript(_SCHEMA)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(instances)")}
+                for column in ("gold_logprob", "wrong_logprob"):  # instances tables from before they were kept
+                    if column not in columns:
+                        db.execute(f"ALTER TABLE instances ADD COLUMN {column} REAL")
                 if tracked is None:  # a ledger from before deliveries were recorded: its sinks had every score
                     db.execute(
                         "INSERT OR IGNORE INTO deliveries SELECT id, sink FROM evaluations,"
@@ -178,16 +198,22 @@ class Ledger:
         evaluation_id: int,
         metrics: Iterable[MetricValue],
         duration_s: float,
-        instances: Sequence[Sequence[tuple[str, float]]] = (),
+        instances: Sequence[Sequence[tuple]] = (),
     ) -> None:
-        """Record the evaluation as `ok` with its `metrics` and, per HELM run of the benchmark, its main metric's
-        (instance id, value) pairs, in one transaction."""
+        """Record the evaluation as `ok` with its `metrics` and, per HELM run of the benchmark, its instances
+        (instance id, the main metric's value[, the gold answer's log-prob, the best wrong answer's]), in one
+        transaction."""
+        rows = [
+            (evaluation_id, index, instance, value, *(list(logprobs) + [None, None])[:2])
+            for index, run in enumerate(instances)
+            for instance, value, *logprobs in run
+        ]
         with self._connect() as db:
             db.executemany(
-                "INSERT OR REPLACE INTO instances (evaluation_id, run_index, instance, value) VALUES (?, ?, ?, ?)",
-                [(evaluation_id, index, instance, value) for index, run in enumerate(instances)
-                 for instance, value in run],
-            )  # fmt: skip
+                "INSERT OR REPLACE INTO instances (evaluation_id, run_index, instance, value, gold_logprob,"
+                " wrong_logprob) VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             db.executemany(
                 "INSERT OR REPLACE INTO metrics (evaluation_id, metric, split, value, count) VALUES (?, ?, ?, ?, ?)",
                 [(evaluation_id, m.metric, m.split, m.value, m.count) for m in metrics],
@@ -361,6 +387,39 @@ class Ledger:
                 (run, iteration),
             ).fetchall()
         return {benchmark: (evaluation_id, metric) for benchmark, evaluation_id, metric in rows}
+
+    def earlier_ok(self, run: str, benchmark: str, iteration: int) -> list[tuple[int, int, float]]:
+        """(iteration, evaluation id, main score) of the latest `ok` evaluation of `benchmark` at each iteration of
+        `run` before `iteration`, oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT e.iteration, e.id, m.value FROM evaluations e JOIN metrics m ON m.evaluation_id = e.id"
+                " AND m.metric = e.main_metric AND m.split = e.main_split"
+                " WHERE e.run = ? AND e.benchmark = ? AND e.status = 'ok' AND e.iteration < ? ORDER BY e.id",
+                (run, benchmark, iteration),
+            ).fetchall()
+        latest = {earlier: (earlier, evaluation_id, value) for earlier, evaluation_id, value in rows}
+        return [latest[i] for i in sorted(latest)]
+
+    def record_alert(self, run: str, iteration: int, against: int, comparison: Any) -> None:
+        """Record that `comparison` (a `compare.Comparison` of `iteration` against `against`) is a regression."""
+        c = comparison
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO alerts (run, iteration, benchmark, against, metric, difference, ci_low,"
+                " ci_high, p_value, p_holm, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run, iteration, c.benchmark, against, c.metric, c.difference, c.ci_low, c.ci_high, c.p_value,
+                 c.p_holm, utc_now()),
+            )  # fmt: skip
+
+    def alerts(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded regression (of `run`, or of every run), by run and iteration."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                "SELECT * FROM alerts WHERE ? IS NULL OR run = ? ORDER BY run, iteration, benchmark", (run, run)
+            ).fetchall()
+        return [dict(row) for row in rows]
 
     def instances_by_key(self, evaluation_id: int) -> dict[tuple[int, str], float]:
         """The per-instance values of evaluation `evaluation_id`, by (HELM run index, instance id)."""

@@ -1,7 +1,8 @@
 """The HTML report: one self-contained file (inline CSS, SVG and script; nothing fetched) of the ledger.
 
 For each benchmark, its main metric against iteration and against training tokens, one line per
-run and baselines as horizontal reference lines; the leaderboard; evaluation and blocked time per
+run in a band of each score's 95% interval (where the ledger holds per-instance values) and
+baselines as horizontal reference lines; the leaderboard; evaluation and blocked time per
 save; the failed and skipped evaluations with their reasons. Every text taken from the ledger is
 escaped, and every plotted point carries its values as `data-*` attributes and a `<title>`.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 from megatron_eval_hook.leaderboard import Leaderboard, display_rows, format_count
 from megatron_eval_hook.ledger import BaselineScore
+from megatron_eval_hook.trend import Trend
 
 _WIDTH, _HEIGHT = 640, 300
 _LEFT, _RIGHT, _TOP, _BOTTOM = 56, 150, 16, 40  # plot margins; the right one holds baseline labels
@@ -35,6 +37,7 @@ figure { margin: 0; } figcaption { font-weight: 600; }
 svg { background: #fff; border: 1px solid #eee; }
 .axis { stroke: #444; } .grid { stroke: #eee; } .tick { font-size: 11px; fill: #444; }
 .series polyline { fill: none; stroke-width: 1.5; }
+.series polygon.band { stroke: none; fill-opacity: 0.15; }
 .baseline line { stroke-dasharray: 5 4; stroke-width: 1; }
 .baseline text { font-size: 11px; }
 .hidden { display: none; }
@@ -70,6 +73,8 @@ class Point:
     iteration: int
     tokens: int | None
     value: float
+    ci_low: float | None = None  # the score's 95% interval (uncertainty.py), when known
+    ci_high: float | None = None
 
 
 def _attrs(**attributes: Any) -> str:
@@ -108,7 +113,8 @@ def _chart(axis: str, points: Sequence[Point], baselines: Sequence[BaselineScore
     x_of: Callable[[Point], float] = (lambda p: p.iteration) if axis == "iteration" else (lambda p: p.tokens)
     x_label = format_count if axis == "tokens" else (lambda v: f"{v:g}")
     x_low, x_high = _domain([x_of(p) for p in points], 0.02)
-    y_low, y_high = _domain([p.value for p in points] + [b.value for b in baselines], 0.08)
+    bounds = [v for p in points for v in (p.ci_low, p.ci_high) if v is not None]
+    y_low, y_high = _domain([p.value for p in points] + bounds + [b.value for b in baselines], 0.08)
     inner_w, inner_h = _WIDTH - _LEFT - _RIGHT, _HEIGHT - _TOP - _BOTTOM
 
     def sx(x: float) -> float:
@@ -117,7 +123,10 @@ def _chart(axis: str, points: Sequence[Point], baselines: Sequence[BaselineScore
     def sy(y: float) -> float:
         return _TOP + (y_high - y) / (y_high - y_low) * inner_h
 
-    parts = [f"<svg{_attrs(viewBox=f'0 0 {_WIDTH} {_HEIGHT}', width=_WIDTH, height=_HEIGHT, role='img')}>"]
+    parts = [
+        f"<svg{_attrs(viewBox=f'0 0 {_WIDTH} {_HEIGHT}', width=_WIDTH, height=_HEIGHT, role='img')}"
+        f"{_attrs(data_y_low=repr(y_low), data_y_high=repr(y_high), data_top=_TOP, data_height=inner_h)}>"
+    ]
     for y in _ticks(y_low, y_high):
         parts.append(f'<line class="grid" x1="{_LEFT}" x2="{_LEFT + inner_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>')
         parts.append(f'<text class="tick" x="{_LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
@@ -137,7 +146,7 @@ def _chart(axis: str, points: Sequence[Point], baselines: Sequence[BaselineScore
     parts += [_baseline_line(b, sy(b.value), label_y, _LEFT, _LEFT + inner_w) for b, label_y in zip(ordered, label_ys)]
     for run in dict.fromkeys(p.run for p in points):
         series = sorted((p for p in points if p.run == run), key=x_of)
-        parts.append(_series(run, series, colours[run], lambda p: (sx(x_of(p)), sy(p.value))))
+        parts.append(_series(run, series, colours[run], lambda p: (sx(x_of(p)), sy(p.value)), sy))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -160,22 +169,51 @@ def _baseline_line(baseline: BaselineScore, y: float, label_y: float, x1: float,
     )
 
 
-def _series(run: str, points: Sequence[Point], colour: str, xy: Callable[[Point], tuple[float, float]]) -> str:
+def _series(
+    run: str,
+    points: Sequence[Point],
+    colour: str,
+    xy: Callable[[Point], tuple[float, float]],
+    sy: Callable[[float], float],
+) -> str:
     coordinates = [xy(p) for p in points]
     polyline = " ".join(f"{x:.1f},{y:.1f}" for x, y in coordinates)
     circles = "".join(
         f'<circle class="point"{_attrs(cx=f"{x:.1f}", cy=f"{y:.1f}", r=3.5, fill=colour)}'
         f"{_attrs(data_run=p.run, data_benchmark=p.benchmark, data_metric=p.metric, data_iteration=p.iteration)}"
-        f"{_attrs(data_tokens=p.tokens, data_value=repr(p.value))}>"
+        f"{_attrs(data_tokens=p.tokens, data_value=repr(p.value))}"
+        f"{_attrs(data_ci_low=_maybe_repr(p.ci_low), data_ci_high=_maybe_repr(p.ci_high))}>"
         f"<title>{escape(_point_title(p))}</title></circle>"
         for p, (x, y) in zip(points, coordinates)
     )
-    return f'<g class="series"{_attrs(data_run=run)}><polyline points="{polyline}" stroke="{colour}"/>{circles}</g>'
+    band = _band([(x, p) for p, (x, _) in zip(points, coordinates)], colour, sy)
+    return (
+        f'<g class="series"{_attrs(data_run=run)}>{band}<polyline points="{polyline}" stroke="{colour}"/>{circles}</g>'
+    )
+
+
+def _band(points: Sequence[tuple[float, Point]], colour: str, sy: Callable[[float], float]) -> str:
+    """The polygon through the upper ends of the points' intervals, then back through their lower ends (the
+    points with an interval; a lone one gets a thin bar)."""
+    known = [(x, p) for x, p in points if p.ci_low is not None and p.ci_high is not None]
+    if not known:
+        return ""
+    if len(known) == 1:
+        (x, p), width = known[0], 3.0
+        known = [(x - width, p), (x + width, p)]
+    upper = [f"{x:.1f},{sy(p.ci_high):.1f}" for x, p in known]
+    lower = [f"{x:.1f},{sy(p.ci_low):.1f}" for x, p in reversed(known)]
+    return f'<polygon class="band" points="{" ".join(upper + lower)}" fill="{colour}"/>'
+
+
+def _maybe_repr(value: float | None) -> str | None:
+    return None if value is None else repr(value)
 
 
 def _point_title(point: Point) -> str:
     tokens = f", {format_count(point.tokens)} tokens" if point.tokens is not None else ""
-    return f"{point.run}: {point.metric} {_number(point.value)} at iteration {point.iteration}{tokens}"
+    interval = f" (95% {_number(point.ci_low)}-{_number(point.ci_high)})" if point.ci_low is not None else ""
+    return f"{point.run}: {point.metric} {_number(point.value)}{interval} at iteration {point.iteration}{tokens}"
 
 
 def _legend(runs: Sequence[str], colours: Mapping[str, str]) -> str:
@@ -223,7 +261,7 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Seque
 
 def _leaderboard_section(leaderboard: Leaderboard) -> str:
     columns = leaderboard.columns()
-    numeric = {"rank", "iteration", "tokens", "composite", *leaderboard.benchmarks}
+    numeric = {"rank", "iteration", "tokens", "composite", "± se", *leaderboard.benchmarks}
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = "".join(
         f"<tr{_attrs(class_='partial' if leaderboard.is_partial(row) else None)}>"
@@ -278,10 +316,22 @@ def render_report(
     *,
     ledger_name: str,
     generated_at: str | None = None,
+    trends: Sequence[Trend] = (),
+    alerts: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    """The report's HTML for the ledger `rows` (`Ledger.results()`), `baselines` and `leaderboard`."""
+    """The report's HTML for the ledger `rows` (`Ledger.results()`), `baselines` and `leaderboard`, with each
+    benchmark's signal against noise (`trend.trends`) and the regression alerts (`Ledger.alerts`)."""
     points = [
-        Point(r["run"], r["benchmark"], r["metric"], r["iteration"], r["tokens"], r["value"])
+        Point(
+            r["run"],
+            r["benchmark"],
+            r["metric"],
+            r["iteration"],
+            r["tokens"],
+            r["value"],
+            r.get("ci_low"),
+            r.get("ci_high"),
+        )  # fmt: skip
         for r in rows
         if r["status"] == "ok" and r["main"] and r["value"] is not None
     ]
@@ -306,6 +356,10 @@ def render_report(
         f'<p class="note">Ledger {escape(ledger_name)}, generated {escape(generated_at)}: {escape(summary)}.</p>',
         "<h2>Scores</h2>",
         "".join(sections) or '<p class="note">No successful evaluation recorded yet.</p>',
+        "<h2>Signal and noise</h2>",
+        _trends_table(trends),
+        "<h2>Regression alerts</h2>",
+        _alerts_table(alerts),
         "<h2>Leaderboard</h2>",
         _leaderboard_section(leaderboard),
         "<h2>Evaluation time per save</h2>",
@@ -325,6 +379,42 @@ def render_report(
         f"<title>Evaluation report: {escape(ledger_name)}</title><style>{_STYLE}</style></head>"
         f"<body>{''.join(body)}<script>{_SCRIPT}</script></body></html>\n"
     )
+
+
+def _trends_table(trends: Sequence[Trend]) -> str:
+    if not trends:
+        return '<p class="note">No successful evaluation recorded yet.</p>'
+    rows = [
+        [t.run, t.benchmark, t.metric, t.checkpoints, _maybe(t.latest), _maybe(t.stderr),
+         _maybe(t.detectable_change), _maybe(t.kendall_tau, ".2f"),
+         "" if t.slope is None else f"{t.slope:+.3g} [{t.slope_low:+.3g}, {t.slope_high:+.3g}] per {t.slope_per}",
+         t.verdict, t.instances_for_target or ""]
+        for t in trends
+    ]  # fmt: skip
+    columns = ["run", "benchmark", "metric", "saves", "latest", "± se", "detectable change", "Kendall tau",
+               "slope [95%]", "verdict", "instances for ±0.02"]  # fmt: skip
+    note = (
+        '<p class="note">detectable change: the smallest change a paired test of two saves detects at this '
+        "instance count (80% power, 5% level); a verdict says whether the trend's 95% interval excludes zero.</p>"
+    )
+    return _table(columns, rows, numeric=["saves", "latest", "± se", "detectable change", "Kendall tau",
+                                          "instances for ±0.02"], id="trends") + note  # fmt: skip
+
+
+def _alerts_table(alerts: Sequence[Mapping[str, Any]]) -> str:
+    if not alerts:
+        return '<p class="note">No regression beyond noise recorded.</p>'
+    rows = [
+        [a["run"], a["iteration"], a["benchmark"], a["metric"], a["against"], f"{a['difference']:+.4f}",
+         f"[{a['ci_low']:+.4f}, {a['ci_high']:+.4f}]", f"{a['p_holm']:.2g}"]
+        for a in alerts
+    ]  # fmt: skip
+    columns = ["run", "iteration", "benchmark", "metric", "against iteration", "difference", "95% interval", "p_holm"]
+    return _table(columns, rows, numeric=["iteration", "against iteration", "difference", "p_holm"], id="alerts")
+
+
+def _maybe(value: float | None, spec: str = ".4f") -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _problems_table(problems: Sequence[Sequence[Any]]) -> str:

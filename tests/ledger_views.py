@@ -31,8 +31,17 @@ def _ok(ledger: Ledger, run: str, iteration: int, benchmark: str, value: float, 
     evaluation = ledger.begin(
         run, iteration, benchmark, placement="sync", tokens=tokens, main_metric=metric, main_split="test"
     )
-    ledger.finish_ok(evaluation, [MetricValue(metric, "test", value, 20), MetricValue("other", "test", 0.9, 20)], 2.0)
+    metrics = [MetricValue(metric, "test", value, 20), MetricValue("other", "test", 0.9, 20)]
+    ledger.finish_ok(evaluation, metrics, 2.0, [per_instance(metric, value)])
     return evaluation
+
+
+def per_instance(metric: str, value: float, n: int = 20) -> list[tuple[str, float]]:
+    """`n` per-instance values whose mean is `value`: right or wrong for an accuracy, spread around it otherwise."""
+    if metric == "f1_score":
+        return [(f"id{i}", value + (0.05 if i % 2 else -0.05)) for i in range(n)]
+    right = round(value * n)
+    return [(f"id{i}", float(i < right)) for i in range(n)]
 
 
 def fill(ledger: Ledger) -> None:

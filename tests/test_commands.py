@@ -67,6 +67,8 @@ def test_every_command_runs_as_a_user_runs_it(hooked, demo_data, tmp_path):
         return done.stdout
 
     assert "boolq" in succeeds("results", "--ledger", str(ledger))
+    summary = succeeds("results", "--ledger", str(ledger), "--summary")
+    assert "facts" in summary and any(verdict in summary for verdict in ("within noise", "beyond noise"))
     compared = json.loads(succeeds("compare", "--ledger", str(ledger), "--run", "run", "--iteration", "7",
                                    "--vs-iteration", "3", "--format", "json"))  # fmt: skip
     assert {c["benchmark"] for c in compared} == {"boolq", "facts"}  # the broken benchmark is never ok

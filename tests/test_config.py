@@ -16,6 +16,7 @@ def test_the_shipped_config_loads_with_its_documented_defaults():
     assert config.placement == "sync"
     assert config.benchmarks == ["default"]
     assert config.schedule == ScheduleConfig(start=0, end=None, every=1, final=True)
+    assert (config.alerts.enabled, config.alerts.against, config.alerts.alpha) == (True, "best", 0.01)
 
 
 def test_overrides_change_keys_with_their_types():
@@ -81,6 +82,10 @@ def test_the_async_placement_takes_its_device_queue_and_timeouts():
         ("resume.max_attempts=0", "resume.max_attempts"),
         ("eval_timeout_s=0", "eval_timeout_s"),
         ("finish_timeout_s=-1", "finish_timeout_s"),
+        ("alerts.alpha=0", "alerts.alpha"),
+        ("alerts.alpha=1.5", "alerts.alpha"),
+        ("alerts.against=worst", "alerts.against"),
+        ("alerts.min_drop=-0.1", "alerts.min_drop"),
     ],
 )
 def test_values_out_of_range_name_their_key(override, key):

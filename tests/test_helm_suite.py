@@ -84,8 +84,18 @@ def test_every_benchmark_yields_its_main_metric_from_helm_stats(tmp_path, demo_d
     for prepared, metrics, _ in outcomes:  # each score is the mean of its per-instance values, kept for the ledger
         main = next(m for m in metrics if (m.metric, m.split) == (prepared.main_metric, prepared.main_split))
         (run,) = suite.instances[prepared.name]
-        assert len(run) == main.count and len({instance for instance, _ in run}) == main.count
-        assert sum(value for _, value in run) / len(run) == pytest.approx(main.value)
+        assert len(run) == main.count and len({instance for instance, *_ in run}) == main.count
+        assert sum(value for _, value, *_ in run) / len(run) == pytest.approx(main.value)
+    # facts scores each answer separately: its gold and best wrong answers' log-probs, and its early-signal scores
+    ((facts_run,),) = [suite.instances[p.name] for p, _, _ in outcomes if p.name == "facts"]
+    assert all(gold is not None and wrong is not None for _, _, gold, wrong in facts_run)
+    ((boolq_run,),) = [suite.instances[p.name] for p, _, _ in outcomes if p.name == "boolq"]
+    assert all(gold is None and wrong is None for _, _, gold, wrong in boolq_run)  # generated, not chosen
+    (facts_metrics,) = [m for p, m, _ in outcomes if p.name == "facts"]
+    signal = {m.metric: m for m in facts_metrics if m.metric in ("gold_bits_per_byte", "gold_margin")}
+    margins = [gold - wrong for _, _, gold, wrong in facts_run]
+    assert signal["gold_margin"].value == pytest.approx(sum(margins) / len(margins))
+    assert signal["gold_bits_per_byte"].value > 0 and signal["gold_margin"].count == len(facts_run)
 
 
 def test_scores_come_from_the_files_helm_wrote(tmp_path, demo_data, in_process):

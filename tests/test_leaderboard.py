@@ -127,11 +127,25 @@ def test_a_bad_chance_override_is_refused_with_the_fix(item):
         parse_chance([item])
 
 
+def test_the_composites_standard_error_carries_each_scores_through_the_chance_correction(ledger):
+    from megatron_eval_hook.uncertainty import Z95, of_values
+
+    board = build_leaderboard(ledger.results(), ledger.baselines(), pick="latest")
+    alpha = rows_by_name(board)["alpha"]  # at 300: mmlu 0.35 and boolq 0.8, of 20 instances each
+    mmlu = of_values([1.0] * 7 + [0.0] * 13).stderr
+    boolq = of_values([1.0] * 16 + [0.0] * 4).stderr
+    expected = ((mmlu / 0.75) ** 2 + (boolq / 0.5) ** 2) ** 0.5 / 2
+    assert alpha.composite_se == pytest.approx(expected)
+    record = next(r for r in board.to_json()["rows"] if r["name"] == "alpha")
+    assert record["composite_ci"] == pytest.approx([alpha.composite - Z95 * expected, alpha.composite + Z95 * expected])
+    assert rows_by_name(board)["pythia-160m"].composite_se is None  # published baselines carry no error
+
+
 def test_markdown_marks_partial_rows_and_explains_the_composite(ledger):
     text = to_markdown(build_leaderboard(ledger.results(), ledger.baselines()))
     assert (
-        "| rank | name | kind | iteration | tokens | mmlu | boolq | narrative_qa | hellaswag | composite | over |"
-        in text
+        "| rank | name | kind | iteration | tokens | mmlu | boolq | narrative_qa | hellaswag | composite | ± se "
+        "| over |" in text
     )
     assert "2/4*" in text and "chance levels: mmlu 0.25" in text and "not counted as 0" in text
 
@@ -171,6 +185,7 @@ def test_cli_leaderboard_logs_a_wandb_table(tmp_path, ledger, capsys):
         "narrative_qa",
         "hellaswag",
         "composite",
+        "± se",
         "over",
     ]
     assert [row[1] for row in table["data"]] == ["alpha", BETA, "bloom-560m", "pythia-160m"]

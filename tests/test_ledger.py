@@ -72,6 +72,22 @@ def test_an_ok_evaluation_keeps_its_per_instance_values_and_its_score_their_inte
     assert rows["em"]["stderr"] is None  # per-instance values are kept for the main metric only
 
 
+def test_answer_log_probs_are_kept_per_instance_and_an_older_instances_table_gains_their_columns(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as db:  # as the table was before answers' log-probs were kept
+        db.execute("CREATE TABLE instances (evaluation_id INTEGER NOT NULL, run_index INTEGER NOT NULL,"
+                   " instance TEXT NOT NULL, value REAL NOT NULL, PRIMARY KEY (evaluation_id, run_index, instance))"
+                   " WITHOUT ROWID")  # fmt: skip
+    ledger = Ledger(path)
+    ok = ledger.begin("run", 10, "facts", placement="sync", main_metric="em", main_split="test")
+    ledger.finish_ok(
+        ok, [MetricValue("em", "test", 0.5, 2)], 1.0, [[("id0", 1.0, -0.5, -2.0), ("id1", 0.0, -3.0, -1.0)]]
+    )
+    with sqlite3.connect(path) as db:
+        kept = db.execute("SELECT instance, value, gold_logprob, wrong_logprob FROM instances ORDER BY instance")
+        assert kept.fetchall() == [("id0", 1.0, -0.5, -2.0), ("id1", 0.0, -3.0, -1.0)]
+
+
 def test_cli_results_json_prints_the_documented_fields(tmp_path, capsys):
     path = tmp_path / "ledger.sqlite"
     fill(Ledger(path))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections import Counter
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -116,6 +118,62 @@ def test_the_report_renders_in_a_browser_with_one_point_per_ledger_row_and_no_co
     for axis in ("iteration", "tokens"):
         drawn = {(bench, a["data-baseline"], a["data-value"]) for ax, bench, a in charts.baselines if ax == axis}
         assert drawn == expected  # HellaSwag has no run scores, so no chart
+
+
+# Run in the report's page: for each plotted point with an interval, whether its run's band covers the interval's
+# two ends (just inside them) and stops there (just outside them), the chart's own scale mapping values to pixels.
+_BAND_CHECK = """
+<script>
+var found = [];
+document.querySelectorAll("svg").forEach(function (svg) {
+  var low = parseFloat(svg.dataset.yLow), high = parseFloat(svg.dataset.yHigh);
+  var top = parseFloat(svg.dataset.top), height = parseFloat(svg.dataset.height);
+  function y(value) { return top + (high - value) / (high - low) * height; }
+  svg.querySelectorAll("circle.point").forEach(function (point) {
+    if (point.dataset.ciLow === undefined) { return; }
+    var band = point.parentNode.querySelector("polygon.band");
+    var x = parseFloat(point.getAttribute("cx"));
+    var upper = y(parseFloat(point.dataset.ciHigh)), lower = y(parseFloat(point.dataset.ciLow));
+    function inside(py) { var p = svg.createSVGPoint(); p.x = x; p.y = py; return band.isPointInFill(p); }
+    found.push([point.dataset.run, point.dataset.iteration, inside(upper + 0.3), inside(lower - 0.3),
+                inside(upper - 2), inside(lower + 2)]);
+  });
+});
+var out = document.createElement("pre"); out.id = "bands"; out.textContent = JSON.stringify(found);
+document.body.appendChild(out);
+</script>
+"""
+
+
+@needs_chromium
+def test_each_score_is_drawn_in_a_band_that_holds_its_95_percent_interval(report, tmp_path):
+    page = tmp_path / "checked.html"
+    page.write_text(report.read_text().replace("</body>", _BAND_CHECK + "</body>"))
+    dom, console = load_in_browser(page, tmp_path / "profile")
+    assert console == []
+    found = json.loads(unescape(dom.split('<pre id="bands">')[1].split("</pre>")[0]))
+    ledger = report.parent.parent / "ledger.sqlite"
+    with_interval = [r for r in Ledger(ledger).results() if r["status"] == "ok" and r["ci_low"] is not None]
+    assert len(found) == len(with_interval) + sum(r["tokens"] is not None for r in with_interval)  # both charts
+    assert all(at_upper and at_lower and not beyond_upper and not beyond_lower
+               for _, _, at_upper, at_lower, beyond_upper, beyond_lower in found), found  # fmt: skip
+
+
+def test_the_report_shows_each_benchmarks_signal_and_noise_and_the_regression_alerts(tmp_path):
+    from megatron_eval_hook.compare import Comparison
+
+    ledger = filled_ledger(tmp_path / "ledger.sqlite")
+    drop = Comparison("mmlu", "exact_match", 20, 0.35, 0.40, -0.05, -0.09, -0.01, "mcnemar", 0.004, 0.008)
+    Ledger(ledger).record_alert("alpha", 300, 200, drop)
+    out = tmp_path / "report.html"
+    assert main(["report", "--ledger", str(ledger), "--out", str(out)]) == 0
+    html = out.read_text()
+    trends = html.split('id="trends"')[1].split("</table>")[0]
+    assert trends.count("<tr>") == 1 + 5  # header, and alpha's 3 benchmarks and beta's 2
+    assert "rising beyond noise" in trends or "flat within noise" in trends
+    assert "not enough checkpoints" in trends  # beta: one save
+    alerts = html.split('id="alerts"')[1].split("</table>")[0]
+    assert "mmlu" in alerts and "-0.0500" in alerts and "0.008" in alerts
 
 
 @needs_chromium

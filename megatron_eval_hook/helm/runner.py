@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_eval_hook.helm.benchmarks import Benchmark
+from megatron_eval_hook.helm.choices import EARLY_SIGNAL_METRICS, read_choices
 from megatron_eval_hook.helm.data import ScenarioData
 from megatron_eval_hook.helm.offline import NetworkBlocked, network_blocked
 from megatron_eval_hook.ledger import MetricValue
@@ -137,6 +138,10 @@ def read_stats(path: Path) -> dict[tuple[str, str], MetricValue]:
     return stats
 
 
+# (instance id, the main metric's value, the gold answer's log-prob, the best wrong answer's log-prob)
+InstanceValue = tuple[str, float, float | None, float | None]
+
+
 def read_instance_values(path: Path, metric: str, split: str) -> list[tuple[str, float]]:
     """HELM's per-instance values of `metric` on `split` in one run (`per_instance_stats.json`), without the
     perturbation copies: (instance id, value), the mean over train trials, in HELM's order."""
@@ -196,8 +201,9 @@ class HelmSuite:
         from megatron_eval_hook.helm.warm import Reuse
 
         # The per-instance values of the main metric of each benchmark of the latest `evaluate`, one list per HELM
-        # run averaged into it: what its score's uncertainty and paired comparisons are computed from.
-        self.instances: dict[str, list[list[tuple[str, float]]]] = {}
+        # run averaged into it: (instance id, value, gold answer's log-prob, best wrong answer's log-prob; both
+        # None but for separate multiple-choice methods). What uncertainty and paired comparisons come from.
+        self.instances: dict[str, list[list[InstanceValue]]] = {}
         deployment = register_deployment(model_key, max_sequence_length)
         self._stage_data()
         self.benchmarks = [self._prepare(b, deployment, max_eval_instances, num_train_trials) for b in benchmarks]
@@ -295,17 +301,40 @@ class HelmSuite:
                 continue
             started = time.perf_counter()
             try:
-                per_run = [self._run(runner, spec, prepared) for spec in prepared.run_specs]
-                self.instances[prepared.name] = [self._instance_values(runner, spec, prepared)
-                                                 for spec in prepared.run_specs]  # fmt: skip
+                per_run, instances = [], []
+                for spec in prepared.run_specs:
+                    stats = self._run(runner, spec, prepared)
+                    values, early_signal = self._instance_values(runner, spec, prepared)
+                    per_run.append({**stats, **early_signal})
+                    instances.append(values)
+                self.instances[prepared.name] = instances
                 yield prepared, _mean_over_runs(per_run), time.perf_counter() - started
             except Exception as error:  # one benchmark failing must not stop the others
                 yield prepared, error, time.perf_counter() - started
 
     @staticmethod
-    def _instance_values(runner, spec, prepared: PreparedBenchmark) -> list[tuple[str, float]]:
-        path = Path(runner.runs_path) / spec.name / "per_instance_stats.json"
-        return read_instance_values(path, prepared.main_metric, prepared.main_split)
+    def _instance_values(
+        runner, spec, prepared: PreparedBenchmark
+    ) -> tuple[list[InstanceValue], dict[tuple[str, str], MetricValue]]:
+        """The run's per-instance values of the main metric, with its answers' log-probabilities where HELM
+        scored each answer, and the run's early-signal scores (`choices.py`) over the same instances."""
+        folder = Path(runner.runs_path) / spec.name
+        values = read_instance_values(folder / "per_instance_stats.json", prepared.main_metric, prepared.main_split)
+        choices = read_choices(folder / "scenario_state.json")
+        scored = [choices[instance] for instance, _ in values if instance in choices]
+        early_signal = {}
+        if scored and len(scored) == len(values):
+            split = prepared.main_split
+            for metric, of in zip(EARLY_SIGNAL_METRICS, (lambda c: c.bits_per_byte, lambda c: c.margin)):
+                mean = sum(of(c) for c in scored) / len(scored)
+                early_signal[(metric, split)] = MetricValue(metric, split, mean, len(scored))
+        return [
+            (instance, value, *(
+                (choices[instance].gold_logprob, choices[instance].best_wrong_logprob)
+                if instance in choices else (None, None)
+            ))
+            for instance, value in values
+        ], early_signal  # fmt: skip
 
     def _run(self, runner, spec, prepared: PreparedBenchmark) -> dict[tuple[str, str], MetricValue]:
         runner.run_one(spec)

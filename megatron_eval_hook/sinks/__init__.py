@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_eval_hook.config import EvalHookConfig
+from megatron_eval_hook.helm.choices import EARLY_SIGNAL_METRICS
 
 logger = logging.getLogger("megatron_eval_hook")
 
@@ -39,9 +40,11 @@ def score_key(benchmark: str, metric: str) -> str:
 
 
 def is_logged(metric: str, split: str, main_metric: str, main_split: str, log_all_metrics: bool) -> bool:
-    """Whether a benchmark's metric goes to the sinks: its main metric, or with `log_all_metrics` every metric of
-    its main split."""
-    return (metric, split) == (main_metric, main_split) or (log_all_metrics and split == main_split)
+    """Whether a benchmark's metric goes to the sinks: its main metric and early-signal scores (`choices.py`), or
+    with `log_all_metrics` every metric of its main split."""
+    if (metric, split) == (main_metric, main_split):
+        return True
+    return split == main_split and (log_all_metrics or metric in EARLY_SIGNAL_METRICS)
 
 
 def benchmarks_in(values: dict[str, float]) -> set[str]:

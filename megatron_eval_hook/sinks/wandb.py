@@ -119,6 +119,19 @@ class WandbSink:
             step += 1
         run.log({STEP_KEY: iteration, **values}, step=step)
         self._last_step = step
+        self._alert(run, iteration, values)
+
+    def _alert(self, run: Any, iteration: int, values: dict[str, float]) -> None:
+        """A W&B alert (e-mail, Slack, as the user's W&B settings say) for the regressions among `values`, when the
+        run is online; offline, the `eval/<benchmark>/regression` points logged above are the record."""
+        drops = {key.split("/")[1]: value for key, value in values.items() if key.endswith("/regression")}
+        if not drops or run.offline:
+            return
+        text = ", ".join(f"{benchmark} {drop:+.3f}" for benchmark, drop in drops.items())
+        try:
+            run.alert(title=f"eval regression: {self.run_name}, iteration {iteration}", text=text, level="WARN")
+        except Exception as error:  # the scores are logged; the alert is a courtesy
+            logger.warning("W&B alert for iteration %d not sent: %s: %s", iteration, type(error).__name__, error)
 
     @property
     def last_step(self) -> int | None:
