@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from megatron_eval_hook.ledger import Ledger
-from megatron_eval_hook.uncertainty import SEED, is_binary
+from megatron_eval_hook.uncertainty import SEED, by_run, is_binary
 
 RESAMPLES = 4000
 
@@ -105,9 +105,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def adjusted(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """`comparisons` of several benchmarks with their p-values Holm-adjusted over them (`p_holm`)."""
+    return [replace(c, p_holm=p) for c, p in zip(comparisons, holm([c.p_value for c in comparisons]))]
+
+
 def compare_values(
     benchmark: str, metric: str, a: dict[tuple[int, str], float], b: dict[tuple[int, str], float], where: str
-) -> tuple[Comparison, float]:
+) -> Comparison:
     """One benchmark's comparison (its p-value not yet adjusted) from the two sides' values by (run, instance)."""
     if set(a) != set(b):
         common = len(set(a) & set(b))
@@ -116,21 +121,19 @@ def compare_values(
             f"{common} in common), so they cannot be paired: e.g. max_eval_instances or the benchmark's data "
             "changed between them. Fix: compare evaluations made with the same benchmark settings."
         )
-    keys = sorted(a)
-    runs = sorted({run for run, _ in keys})
-    sides = [[np.array([side[k] for k in keys if k[0] == run]) for run in runs] for side in (a, b)]
+    sides = [[np.array(run) for run in by_run(side)] for side in (a, b)]
     differences = [x - y for x, y in zip(*sides)]
     binary = is_binary(list(a.values()) + list(b.values()))
     if binary:
-        p_value = mcnemar([a[k] for k in keys], [b[k] for k in keys])
+        p_value = mcnemar(np.concatenate(sides[0]), np.concatenate(sides[1]))
     else:
         p_value = sign_flip(differences)
     low, high = paired_bootstrap(differences)
     value, vs_value = _stratified_mean(sides[0]), _stratified_mean(sides[1])
-    comparison = Comparison(
+    return Comparison(
         benchmark=benchmark,
         metric=metric,
-        instances=len(keys),
+        instances=len(a),
         value=value,
         vs_value=vs_value,
         difference=value - vs_value,
@@ -140,7 +143,6 @@ def compare_values(
         p_value=p_value,
         p_holm=p_value,
     )
-    return comparison, p_value
 
 
 def compare(ledger: Ledger, run: str, iteration: int | None, vs_run: str, vs_iteration: int | None) -> list[Comparison]:
@@ -161,7 +163,7 @@ def compare(ledger: Ledger, run: str, iteration: int | None, vs_run: str, vs_ite
             f"the two evaluations share no benchmark ({sorted(a_side)} against {sorted(b_side)}). Fix: compare "
             "evaluations of the same benchmarks."
         )
-    comparisons, p_values = [], []
+    comparisons = []
     for name in common:
         (a_id, a_metric), (b_id, b_metric) = a_side[name], b_side[name]
         if a_metric != b_metric:
@@ -173,10 +175,8 @@ def compare(ledger: Ledger, run: str, iteration: int | None, vs_run: str, vs_ite
                 "(recorded before they were kept). Fix: compare evaluations made since, or evaluate that "
                 "checkpoint again with `megatron-eval backfill`."
             )
-        comparison, p_value = compare_values(name, a_metric, a_values, b_values, "A and B")
-        comparisons.append(comparison)
-        p_values.append(p_value)
-    return [Comparison(**{**c.to_json(), "p_holm": adjusted}) for c, adjusted in zip(comparisons, holm(p_values))]
+        comparisons.append(compare_values(name, a_metric, a_values, b_values, "A and B"))
+    return adjusted(comparisons)
 
 
 def format_comparisons(comparisons: list[Comparison], a: str, b: str, alpha: float = 0.05) -> str:

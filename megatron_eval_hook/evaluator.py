@@ -12,11 +12,10 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from megatron_eval_hook.compare import Comparison, compare_values, holm
+from megatron_eval_hook.compare import Comparison, adjusted, compare_values
 from megatron_eval_hook.config import ConfigError, EvalHookConfig
 from megatron_eval_hook.engine import Engine
 from megatron_eval_hook.export import SnapshotExport
@@ -275,7 +274,8 @@ class Evaluator:
         if not alerts.enabled or not self._ok_ids:
             return []
         try:
-            compared: list[tuple[int, Comparison]] = []
+            against_of: dict[str, int] = {}  # benchmark -> the earlier iteration it is compared with
+            compared: list[Comparison] = []
             for name, (evaluation_id, metric) in self._ok_ids.items():
                 earlier = self.ledger.earlier_ok(self.run, name, iteration)
                 if not earlier:
@@ -285,13 +285,12 @@ class Evaluator:
                 ours, theirs = self.ledger.instances_by_key(evaluation_id), self.ledger.instances_by_key(against_id)
                 if not ours or not theirs or set(ours) != set(theirs):
                     continue  # not the same instances (older ledger rows, changed settings): no paired test
-                comparison, _ = compare_values(name, metric, ours, theirs, f"iterations {iteration} and {against}")
-                compared.append((against, comparison))
-            adjusted = holm([c.p_value for _, c in compared])
+                compared.append(compare_values(name, metric, ours, theirs, f"iterations {iteration} and {against}"))
+                against_of[name] = against
             found = [
-                (against, replace(c, p_holm=p_holm))
-                for (against, c), p_holm in zip(compared, adjusted)
-                if c.difference < 0 and p_holm < alerts.alpha and -c.difference >= alerts.min_drop
+                (against_of[c.benchmark], c)
+                for c in adjusted(compared)
+                if c.difference < 0 and c.p_holm < alerts.alpha and -c.difference >= alerts.min_drop
             ]
             for against, comparison in found:
                 self.ledger.record_alert(self.run, iteration, against, comparison)

@@ -341,7 +341,11 @@ class Ledger:
     def lacking(self, run: str, iteration: int, benchmarks: list[str], max_attempts: int) -> list[str]:
         """Of `benchmarks`, those without an `ok` result of `run` at `iteration` that failed there fewer than
         `max_attempts` times (a save that fails for a permanent cause is not retried forever)."""
-        done = self.ok_benchmarks(run).get(iteration, set())
+        with self._connect() as db:
+            done = {name for (name,) in db.execute(
+                "SELECT DISTINCT benchmark FROM evaluations WHERE run = ? AND iteration = ? AND status = 'ok'",
+                (run, iteration),
+            )}  # fmt: skip
         failed = self.failed_attempts(run, iteration)
         return [name for name in benchmarks if name not in done and failed.get(name, 0) < max_attempts]
 

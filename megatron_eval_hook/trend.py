@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from megatron_eval_hook.ledger import Ledger
-from megatron_eval_hook.uncertainty import of_runs
+from megatron_eval_hook.uncertainty import Z95, by_run, combined_error
 
 MIN_CHECKPOINTS = 3
 TARGET_CHANGE = 0.02
-DETECTABLE = 1.959963984540054 + 0.8416212335729143  # z(0.975) + z(0.80)
+DETECTABLE = Z95 + 0.8416212335729143  # z(0.975) + z(0.80)
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,11 @@ def _detectable_change(ledger: Ledger, run: str, benchmark: str, points: list[di
     if not values or not values[-1]:
         return None, None
     latest = values[-1]
-    runs = sorted({r for r, _ in latest})
     stderr = 0.0
     if len(values) == 2 and set(values[0]) == set(latest) and len(latest) > 1:
-        differences = [np.array([latest[k] - values[0][k] for k in latest if k[0] == r]) for r in runs]
-        stderr = math.sqrt(sum(d.var(ddof=1) / len(d) for d in differences if len(d) > 1)) / len(runs)
+        stderr = combined_error(by_run({key: value - values[0][key] for key, value in latest.items()}))
     if stderr == 0.0:  # unpaired, or the two answered every instance alike: from the latest score's own error
-        interval = of_runs([[latest[k] for k in latest if k[0] == r] for r in runs])
-        stderr = math.sqrt(2) * interval.stderr if interval else 0.0
+        stderr = math.sqrt(2) * combined_error(by_run(latest))
     if stderr == 0.0:  # every instance scored alike (e.g. all right): no spread to tell a change from
         return None, len(latest)
     return DETECTABLE * stderr, len(latest)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +66,20 @@ def of_values(values: Sequence[float]) -> Interval:
     return Interval(standard_error(values), low, high)
 
 
+def combined_error(runs: Sequence[Sequence[float]]) -> float:
+    """The standard error of the mean of the runs' means (independent runs)."""
+    return math.sqrt(sum(standard_error(run) ** 2 for run in runs)) / len(runs)
+
+
+def by_run(values: Mapping[tuple[int, str], float]) -> list[list[float]]:
+    """Values keyed by (HELM run index, instance id) as one list per run, each in instance-id order: two sides
+    with the same keys line up instance by instance."""
+    runs: dict[int, list[float]] = {}
+    for (index, _), value in sorted(values.items()):
+        runs.setdefault(index, []).append(value)
+    return [runs[index] for index in sorted(runs)]
+
+
 def of_runs(runs: Sequence[Sequence[float]]) -> Interval | None:
     """The interval of a benchmark's score, the mean of its runs' means; None when a run has no values."""
     if not runs or any(len(run) == 0 for run in runs):
@@ -73,7 +87,7 @@ def of_runs(runs: Sequence[Sequence[float]]) -> Interval | None:
     if len(runs) == 1:
         return of_values(runs[0])
     mean = sum(float(np.mean(run)) for run in runs) / len(runs)
-    stderr = math.sqrt(sum(standard_error(run) ** 2 for run in runs)) / len(runs)
+    stderr = combined_error(runs)
     floor = min(min(run) for run in runs)
     ceiling = max(max(run) for run in runs)
     return Interval(stderr, max(floor, mean - Z95 * stderr), min(ceiling, mean + Z95 * stderr))

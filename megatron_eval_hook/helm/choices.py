@@ -42,6 +42,14 @@ class Choice:
         return self.gold_logprob - self.best_wrong_logprob
 
 
+def early_signal(choices: list[Choice]) -> dict[str, float]:
+    """The early-signal scores (`EARLY_SIGNAL_METRICS`) of a run: their means over its instances' `choices`."""
+    return {
+        "gold_bits_per_byte": sum(c.bits_per_byte for c in choices) / len(choices),
+        "gold_margin": sum(c.margin for c in choices) / len(choices),
+    }
+
+
 def read_choices(path: Path) -> dict[str, Choice]:
     """Per instance id, its gold and best wrong answers' log-probabilities, from the `scenario_state.json` of a
     separate-method run (its original requests, first train trial, no perturbation); {} for other methods."""

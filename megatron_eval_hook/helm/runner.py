@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_eval_hook.helm.benchmarks import Benchmark
-from megatron_eval_hook.helm.choices import EARLY_SIGNAL_METRICS, read_choices
+from megatron_eval_hook.helm.choices import early_signal, read_choices
 from megatron_eval_hook.helm.data import ScenarioData
 from megatron_eval_hook.helm.offline import NetworkBlocked, network_blocked
 from megatron_eval_hook.ledger import MetricValue
@@ -304,8 +304,8 @@ class HelmSuite:
                 per_run, instances = [], []
                 for spec in prepared.run_specs:
                     stats = self._run(runner, spec, prepared)
-                    values, early_signal = self._instance_values(runner, spec, prepared)
-                    per_run.append({**stats, **early_signal})
+                    values, signal = self._instance_values(runner, spec, prepared)
+                    per_run.append({**stats, **signal})
                     instances.append(values)
                 self.instances[prepared.name] = instances
                 yield prepared, _mean_over_runs(per_run), time.perf_counter() - started
@@ -322,19 +322,16 @@ class HelmSuite:
         values = read_instance_values(folder / "per_instance_stats.json", prepared.main_metric, prepared.main_split)
         choices = read_choices(folder / "scenario_state.json")
         scored = [choices[instance] for instance, _ in values if instance in choices]
-        early_signal = {}
+        split, signal = prepared.main_split, {}
         if scored and len(scored) == len(values):
-            split = prepared.main_split
-            for metric, of in zip(EARLY_SIGNAL_METRICS, (lambda c: c.bits_per_byte, lambda c: c.margin)):
-                mean = sum(of(c) for c in scored) / len(scored)
-                early_signal[(metric, split)] = MetricValue(metric, split, mean, len(scored))
+            signal = {(m, split): MetricValue(m, split, v, len(scored)) for m, v in early_signal(scored).items()}
         return [
             (instance, value, *(
                 (choices[instance].gold_logprob, choices[instance].best_wrong_logprob)
                 if instance in choices else (None, None)
             ))
             for instance, value in values
-        ], early_signal  # fmt: skip
+        ], signal  # fmt: skip
 
     def _run(self, runner, spec, prepared: PreparedBenchmark) -> dict[tuple[str, str], MetricValue]:
         runner.run_one(spec)
