@@ -73,11 +73,8 @@ def _results(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from megatron_eval_hook.compare import CompareError, compare, format_comparisons
 
-    path = Path(args.ledger)
-    if not path.is_file():
-        print(
-            f"megatron-eval compare: no ledger at {path}. Fix: pass the ledger.sqlite the hook wrote.", file=sys.stderr
-        )
+    ledger = _existing_ledger(args.ledger, "compare")
+    if ledger is None:
         return 2
     vs_run = args.vs_run or args.run
     if vs_run == args.run and args.vs_iteration == args.iteration:
@@ -85,7 +82,7 @@ def _compare(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        comparisons = compare(Ledger(path), args.run, args.iteration, vs_run, args.vs_iteration)
+        comparisons = compare(ledger, args.run, args.iteration, vs_run, args.vs_iteration)
     except CompareError as error:
         print(f"megatron-eval compare: {error}", file=sys.stderr)
         return 2
@@ -230,7 +227,7 @@ def _report(args: argparse.Namespace) -> int:
         return 2
     from megatron_eval_hook.trend import trends
 
-    html = render_report(rows, baselines, board, ledger_name=str(args.ledger), trends=trends(ledger),
+    html = render_report(rows, baselines, board, ledger_name=str(args.ledger), trends=trends(ledger, rows=rows),
                          alerts=ledger.alerts())  # fmt: skip
     print(f"wrote {write_report(args.out, html)}")
     return 0

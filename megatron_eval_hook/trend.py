@@ -48,9 +48,10 @@ class Trend:
         return asdict(self)
 
 
-def trends(ledger: Ledger, run: str | None = None) -> list[Trend]:
-    """One `Trend` per (run, benchmark) with an `ok` evaluation."""
-    rows = [r for r in ledger.results(run=run) if r["status"] == "ok" and r["main"]]
+def trends(ledger: Ledger, run: str | None = None, rows: list[dict] | None = None) -> list[Trend]:
+    """One `Trend` per (run, benchmark) with an `ok` evaluation; `rows`: `ledger.results(run=run)`, when the
+    caller has them already (each score's interval is computed there)."""
+    rows = [r for r in (ledger.results(run=run) if rows is None else rows) if r["status"] == "ok" and r["main"]]
     found = []
     for key in dict.fromkeys((r["run"], r["benchmark"]) for r in rows):
         series: dict[int, dict] = {}

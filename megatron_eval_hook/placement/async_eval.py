@@ -220,7 +220,6 @@ class AsyncPlacement:
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._from_disk: queue.SimpleQueue = queue.SimpleQueue()  # earlier saves a restarted job found lacking
         self.save_dir = Path(megatron_args.save)
-        self.max_attempts = config.resume.max_attempts
         self._in_flight: Snapshot | None = None
         self._begun = False  # whether the eval process opened the ledger rows of the evaluation in flight
         self._abort: str | None = None  # why the evaluation in flight is to be stopped
@@ -258,7 +257,7 @@ class AsyncPlacement:
     def _from_checkpoint(self, iteration: int, which: str, tokens: int | None = None) -> None:
         """Queue the save of `iteration` for the eval process, from its checkpoint, with the benchmarks it lacks
         (those failed `resume.max_attempts` times are not retried)."""
-        only = self.ledger.lacking(self.run, iteration, self.benchmark_names, self.max_attempts)
+        only = self.ledger.lacking(self.run, iteration, self.benchmark_names, self.config.resume.max_attempts)
         if not only:
             return
         folder = iteration_folder(self.save_dir, iteration)
